@@ -1,0 +1,131 @@
+"""End-to-end test harness: a real PostgreSQL 15 cluster with queue_pg preloaded and a real
+redis-server, both started by scripts/stack.sh for the whole session and stopped at its end.
+
+Tests talk to them the way users do: SQL through psycopg, Redis through redis-py.
+"""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis as redis_py
+
+ROOT = Path(__file__).resolve().parent.parent
+STACK = ROOT / "scripts" / "stack.sh"
+ENV = dict(
+    os.environ,
+    QPG_HOME=os.environ.get("QPG_TEST_HOME", "/tmp/queue_pg_test"),
+    QPG_PGPORT=os.environ.get("QPG_TEST_PGPORT", "55442"),
+    QPG_REDIS_PORT=os.environ.get("QPG_TEST_REDIS_PORT", "56389"),
+)
+PREFIX = "queue_pg"
+
+
+def stack(*args):
+    subprocess.run([str(STACK), *args], env=ENV, check=True, stdout=subprocess.DEVNULL)
+
+
+def dsn():
+    return f"host={ENV['QPG_HOME']} port={ENV['QPG_PGPORT']} user=postgres dbname=postgres"
+
+
+def connect(autocommit=True):
+    return psycopg.connect(dsn(), autocommit=autocommit)
+
+
+def redis_client():
+    return redis_py.Redis(port=int(ENV["QPG_REDIS_PORT"]), decode_responses=True)
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
+    """Polls predicate until it returns a truthy value; fails the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def list_key(queue, priority="normal"):
+    return f"{PREFIX}:{{{queue}}}:{priority}"
+
+
+def list_ids(r, queue, priority="normal"):
+    """Ids of the messages waiting in one Redis list, oldest (next to pop) first."""
+    return [json.loads(m)["id"] for m in reversed(r.lrange(list_key(queue, priority), 0, -1))]
+
+
+def bridge_pid(db):
+    row = db.execute(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'queue_pg bridge'"
+    ).fetchone()
+    return row[0] if row else None
+
+
+def reconnect_after_restart(timeout=30.0):
+    """A connection once the cluster accepts them again (after a crash restart)."""
+
+    def attempt():
+        try:
+            return connect()
+        except psycopg.OperationalError:
+            return None
+
+    return wait_for(attempt, timeout=timeout, interval=0.2, what="postgres to accept connections")
+
+
+def set_config(db, **settings):
+    """ALTER SYSTEM + reload, for settings the bridge reads (reset after each test)."""
+    for name, value in settings.items():
+        db.execute(f"ALTER SYSTEM SET queue.{name} = '{value}'")
+    db.execute("SELECT pg_reload_conf()")
+    time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def stack_up():
+    stack("up")
+    yield
+    if not os.environ.get("QPG_KEEP_STACK"):
+        stack("down")
+
+
+@pytest.fixture
+def db(stack_up):
+    conn = reconnect_after_restart()
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def r(stack_up):
+    client = redis_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def clean_state(request, stack_up):
+    """Every test starts from empty tables, an empty Redis, default settings, a running bridge."""
+    # A test may leave Redis stopped or Postgres restarting: bring both back first.
+    r = redis_client()
+    try:
+        r.ping()
+    except redis_py.ConnectionError:
+        stack("redis-start")
+    db = reconnect_after_restart()
+    db.execute("ALTER SYSTEM RESET ALL")
+    db.execute("SELECT pg_reload_conf()")
+    db.execute("TRUNCATE queue.jobs, queue.queues RESTART IDENTITY")
+    r.flushall()
+    wait_for(lambda: bridge_pid(db), timeout=30, what="the bridge to run")
+    db.close()
+    r.close()
+    yield

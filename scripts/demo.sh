@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Sets everything up (scripts/setup.sh), starts a throwaway PostgreSQL 15 with queue_pg preloaded
+# and a local redis-server (scripts/stack.sh), and walks through the life of some jobs:
+# enqueue from SQL, watch the bridge move them into Redis, pop one like a worker would.
+# Stops what it started at the end; QPG_KEEP=1 leaves both running for you to explore.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+export QPG_HOME=${QPG_HOME:-/tmp/queue_pg_demo} QPG_PGPORT=${QPG_PGPORT:-55452} QPG_REDIS_PORT=${QPG_REDIS_PORT:-56399}
+scripts/stack.sh up
+if [ -z "${QPG_KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
+
+sql() { scripts/stack.sh psql -X "$@"; }
+rcli() { scripts/stack.sh redis-cli "$@"; }
+step() { printf '\n\033[1;34m-- %s\033[0m\n' "$*"; }
+
+step "Enqueue jobs from SQL, inside a transaction (nothing reaches Redis before COMMIT)"
+sql -c "BEGIN;
+SELECT queue.enqueue('emails', '{\"to\": \"ada@example.com\", \"template\": \"welcome\"}') AS welcome_job;
+SELECT queue.enqueue('emails', '{\"to\": \"ops@example.com\", \"template\": \"alert\"}', 'high') AS urgent_job;
+SELECT count(*) AS ids FROM queue.enqueue_many('thumbnails', '[{\"img\": 1}, {\"img\": 2}, {\"img\": 3}]');
+SELECT queue.enqueue('reports', '{\"month\": \"2026-11\"}', run_at => now() + interval '2 seconds') AS scheduled_job;
+COMMIT;"
+
+step "A rolled-back enqueue never reaches Redis"
+sql -c "BEGIN; SELECT queue.enqueue('emails', '{\"to\": \"nobody\"}'); ROLLBACK;"
+
+sleep 0.5
+step "The bridge moved the committed jobs to Redis and marked them migrated"
+sql -c "SELECT id, queue_name, priority, status, run_at > now() AS in_future FROM queue.jobs ORDER BY id;"
+for key in 'queue_pg:{emails}:high' 'queue_pg:{emails}:normal' 'queue_pg:{thumbnails}:normal'; do
+    echo "LRANGE $key:"
+    rcli lrange "$key" 0 -1 | sed 's/^/    /'
+done
+
+step "A worker pops the next email job (high before normal)"
+rcli brpop 'queue_pg:{emails}:high' 'queue_pg:{emails}:normal' 'queue_pg:{emails}:low' 1 | sed 's/^/    /'
+
+step "The scheduled report arrives once it is due"
+sleep 2.2
+rcli lrange 'queue_pg:{reports}:normal' 0 -1 | sed 's/^/    /'
+sql -c "SELECT id, queue_name, status FROM queue.jobs WHERE queue_name = 'reports';"
+
+step "Pause a queue: it keeps accepting jobs, the bridge holds them back"
+sql -c "SELECT queue.pause('thumbnails'); SELECT queue.enqueue('thumbnails', '{\"img\": 4}');" >/dev/null
+sleep 0.3
+sql -c "SELECT id, status FROM queue.jobs WHERE queue_name = 'thumbnails' ORDER BY id;"
+sql -c "SELECT queue.resume('thumbnails');" >/dev/null
+sleep 0.3
+echo "after resume: $(rcli llen 'queue_pg:{thumbnails}:normal') jobs in queue_pg:{thumbnails}:normal"
+
+if [ -n "${QPG_KEEP:-}" ]; then
+    echo; echo "Still running. psql: scripts/stack.sh psql   stop: QPG_HOME=$QPG_HOME scripts/stack.sh down"
+fi

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 cluster (queue_pg preloaded) and a redis-server, on non-default ports.
+#
+#   scripts/stack.sh up            # wipe QPG_HOME, initdb, start both, CREATE EXTENSION queue_pg
+#   scripts/stack.sh down          # stop both (the data stays in QPG_HOME until the next up)
+#   scripts/stack.sh redis-stop    # stop Redis only (fault tests)
+#   scripts/stack.sh redis-start   # start Redis again, empty (no persistence)
+#   scripts/stack.sh psql [args]   # psql into the cluster
+#   scripts/stack.sh env           # the settings below, for `eval`
+#
+# Settings (environment): QPG_HOME (default /tmp/queue_pg), QPG_PGPORT (55432),
+# QPG_REDIS_PORT (56379), QPG_REDIS_PASSWORD (none).
+set -euo pipefail
+
+QPG_HOME=${QPG_HOME:-/tmp/queue_pg}
+QPG_PGPORT=${QPG_PGPORT:-55432}
+QPG_REDIS_PORT=${QPG_REDIS_PORT:-56379}
+QPG_REDIS_PASSWORD=${QPG_REDIS_PASSWORD:-}
+BIN=/usr/lib/postgresql/15/bin
+PGDATA="$QPG_HOME/pgdata"
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+redis_url() {
+    if [ -n "$QPG_REDIS_PASSWORD" ]; then
+        echo "redis://:$QPG_REDIS_PASSWORD@127.0.0.1:$QPG_REDIS_PORT"
+    else
+        echo "redis://127.0.0.1:$QPG_REDIS_PORT"
+    fi
+}
+
+redis_cli() {
+    if [ -n "$QPG_REDIS_PASSWORD" ]; then
+        REDISCLI_AUTH="$QPG_REDIS_PASSWORD" redis-cli -p "$QPG_REDIS_PORT" "$@"
+    else
+        redis-cli -p "$QPG_REDIS_PORT" "$@"
+    fi
+}
+
+redis_start() {
+    local auth=()
+    [ -z "$QPG_REDIS_PASSWORD" ] || auth=(--requirepass "$QPG_REDIS_PASSWORD")
+    redis-server --port "$QPG_REDIS_PORT" --bind 127.0.0.1 --daemonize yes \
+        --pidfile "$QPG_HOME/redis.pid" --logfile "$QPG_HOME/redis.log" --dir "$QPG_HOME" \
+        --save '' --appendonly no "${auth[@]}"
+    for _ in $(seq 100); do
+        redis_cli ping 2>/dev/null | grep -q PONG && return 0
+        sleep 0.05
+    done
+    echo "redis-server did not start; see $QPG_HOME/redis.log" >&2
+    return 1
+}
+
+redis_stop() {
+    redis_cli shutdown nosave >/dev/null 2>&1 || true
+    for _ in $(seq 100); do
+        redis_cli ping >/dev/null 2>&1 || return 0
+        sleep 0.05
+    done
+}
+
+pg_stop() {
+    if [ -f "$PGDATA/postmaster.pid" ]; then
+        as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null 2>&1 || true
+    fi
+}
+
+up() {
+    pg_stop
+    redis_stop
+    rm -rf "$QPG_HOME"
+    mkdir -p "$QPG_HOME"
+    chown postgres: "$QPG_HOME"
+    as_postgres "$BIN/initdb" -D "$PGDATA" -U postgres --auth=trust --no-sync >/dev/null
+    cat >>"$PGDATA/postgresql.conf" <<CONF
+port = $QPG_PGPORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$QPG_HOME'
+shared_preload_libraries = 'queue_pg'
+queue.database = 'postgres'
+queue.redis_url = '$(redis_url)'
+max_connections = 200
+shared_buffers = 256MB
+max_wal_size = 4GB
+log_line_prefix = '%m [%p] %b '
+CONF
+    redis_start
+    as_postgres "$BIN/pg_ctl" -D "$PGDATA" -l "$QPG_HOME/postgres.log" -w start >/dev/null
+    psql_ -q -c "CREATE EXTENSION IF NOT EXISTS queue_pg"
+    echo "postgres: port $QPG_PGPORT (psql -h $QPG_HOME -p $QPG_PGPORT -U postgres), redis: port $QPG_REDIS_PORT"
+}
+
+psql_() { psql -h "$QPG_HOME" -p "$QPG_PGPORT" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+
+case "${1:-}" in
+    up) up ;;
+    down) pg_stop; redis_stop ;;
+    redis-stop) redis_stop ;;
+    redis-start) redis_start ;;
+    redis-cli) shift; redis_cli "$@" ;;
+    psql) shift; psql_ "$@" ;;
+    env) echo "QPG_HOME=$QPG_HOME QPG_PGPORT=$QPG_PGPORT QPG_REDIS_PORT=$QPG_REDIS_PORT" ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
+esac

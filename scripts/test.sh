@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs and builds what is needed (scripts/setup.sh), checks
+# formatting and clippy, then runs the end-to-end tests in pg_test/ against a throwaway
+# PostgreSQL 15 cluster (queue_pg preloaded) and a real redis-server, which it stops at the end.
+#
+#   scripts/test.sh                 # everything
+#   scripts/test.sh -k dispatch     # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export QPG_TEST_HOME=${QPG_TEST_HOME:-/tmp/queue_pg_test}
+export QPG_TEST_PGPORT=${QPG_TEST_PGPORT:-55442}
+export QPG_TEST_REDIS_PORT=${QPG_TEST_REDIS_PORT:-56389}
+
+scripts/setup.sh
+
+echo "==> cargo fmt --check, cargo clippy"
+cargo fmt --all -- --check
+cargo clippy --release --all-targets --quiet -- -D warnings
+
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/pip freeze 2>/dev/null | grep -q "^pytest==8.3.4$"; then
+    echo "==> Python test dependencies (.venv)"
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r pg_test/requirements.txt
+fi
+
+# Whatever happens to pytest, stop the cluster and Redis it started.
+trap 'QPG_HOME=$QPG_TEST_HOME QPG_PGPORT=$QPG_TEST_PGPORT QPG_REDIS_PORT=$QPG_TEST_REDIS_PORT scripts/stack.sh down' EXIT
+echo "==> end-to-end tests (pg_test/)"
+.venv/bin/pytest pg_test "$@"

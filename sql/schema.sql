@@ -1,0 +1,57 @@
+-- queue_pg schema: the durable side of every job.
+-- The bridge reads jobs here, pushes them to Redis, and marks them here only after Redis acknowledged.
+
+-- Per-queue settings. A NULL column falls back to the matching queue.* setting (GUC).
+CREATE TABLE queue.queues (
+    queue_name   text PRIMARY KEY CHECK (queue_name ~ '^[A-Za-z0-9_.-]{1,64}$'),
+    max_attempts int CHECK (max_attempts BETWEEN 1 AND 1000),
+    backoff_base interval CHECK (backoff_base >= interval '0'),
+    backoff_max  interval CHECK (backoff_max >= interval '0'),
+    lease        interval CHECK (lease > interval '0'),
+    paused       boolean NOT NULL DEFAULT false,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE queue.jobs (
+    id                 bigserial PRIMARY KEY,
+    queue_name         text NOT NULL CHECK (queue_name ~ '^[A-Za-z0-9_.-]{1,64}$'),
+    payload            jsonb NOT NULL,
+    priority           text NOT NULL DEFAULT 'normal' CHECK (priority IN ('high', 'normal', 'low')),
+    status             text NOT NULL CHECK (status IN ('queued', 'scheduled', 'migrated', 'running',
+                                                      'completed', 'retry_scheduled', 'failed', 'cancelled')),
+    attempt_count      int NOT NULL DEFAULT 0 CHECK (attempt_count >= 0),
+    max_attempts       int NOT NULL CHECK (max_attempts BETWEEN 1 AND 1000),
+    run_at             timestamptz NOT NULL DEFAULT now(),
+    dedupe_key         text,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    started_at         timestamptz,
+    lease_expires_at   timestamptz,
+    completed_at       timestamptz,
+    failed_at          timestamptz,
+    last_error_message text,
+    result             jsonb,
+    errors             jsonb NOT NULL DEFAULT '[]',
+    -- Dispatch bookkeeping, written by the bridge only.
+    dispatched_at      timestamptz, -- when the bridge last pushed the job to Redis
+    dispatch_seq       bigint       -- its position in the Redis list (that list's push counter)
+);
+
+-- Every index below is partial on the states it serves, so the bridge's work and the size of
+-- these indexes grow with the live jobs, never with the finished ones.
+
+-- The bridge's dispatch scan: committed jobs waiting to be pushed, oldest first.
+CREATE INDEX jobs_queued_idx ON queue.jobs (id) WHERE status = 'queued';
+-- Promotion of scheduled and retrying jobs when they fall due.
+CREATE INDEX jobs_due_idx ON queue.jobs (run_at) WHERE status IN ('scheduled', 'retry_scheduled');
+-- One unfinished job per (queue, dedupe_key).
+CREATE UNIQUE INDEX jobs_dedupe_idx ON queue.jobs (queue_name, dedupe_key)
+    WHERE dedupe_key IS NOT NULL AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled');
+-- Jobs that sit in Redis, by list and position: what the rescue of popped-but-never-started jobs reads.
+CREATE INDEX jobs_migrated_idx ON queue.jobs (queue_name, priority, dispatch_seq) WHERE status = 'migrated';
+
+-- Tables created by the extension are user data: keep them in pg_dump.
+SELECT pg_catalog.pg_extension_config_dump('queue.queues', '');
+SELECT pg_catalog.pg_extension_config_dump('queue.jobs', '');
+SELECT pg_catalog.pg_extension_config_dump('queue.jobs_id_seq', '');

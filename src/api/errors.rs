@@ -1,0 +1,23 @@
+//! ERRORs with a fitting SQLSTATE. Each raise aborts the statement, so nothing it began is kept.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+/// Raises an ERROR with `code` and `message`; never returns.
+pub fn raise(code: PgSqlErrorCode, message: impl Into<String>) -> ! {
+    ErrorReport::new(code, message.into(), "queue_pg").report(PgLogLevel::ERROR);
+    unreachable!("ERROR returned")
+}
+
+/// 22004: a required argument was SQL NULL.
+pub fn null_argument(name: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        format!("queue_pg: {name} must not be NULL"),
+    )
+}
+
+/// 22023: an argument's value is not allowed.
+pub fn invalid_argument(message: impl Into<String>) -> ! {
+    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message)
+}

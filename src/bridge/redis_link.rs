@@ -1,0 +1,107 @@
+//! The bridge's Redis connection: connects lazily, retries with a capped exponential backoff
+//! while Redis is unreachable, and logs once per change of state (never once per attempt).
+
+use crate::redis::{connect, redact};
+use crate::settings;
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+pub struct RedisLink {
+    url: String,
+    con: Option<redis::Connection>,
+    /// While Redis is down: when to try again, and the delay after that.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// What was last logged: None before the first attempt.
+    reachable: Option<bool>,
+    pub last_error: Option<String>,
+}
+
+impl RedisLink {
+    pub fn from_settings() -> Self {
+        RedisLink {
+            url: settings::redis_url(),
+            con: None,
+            retry_at: None,
+            backoff: FIRST_RETRY,
+            reachable: None,
+            last_error: None,
+        }
+    }
+
+    /// After a reload: a new URL means a new connection.
+    pub fn reload(&mut self) {
+        let url = settings::redis_url();
+        if url != self.url {
+            log!(
+                "queue_pg bridge: queue.redis_url changed to {}",
+                redact(&url)
+            );
+            self.url = url;
+            self.con = None;
+            self.retry_at = None;
+            self.backoff = FIRST_RETRY;
+        }
+    }
+
+    /// The connection, opening it if none is open and the backoff allows. None while Redis is
+    /// down and the next attempt is not due yet, or when this attempt failed.
+    pub fn get(&mut self) -> Option<&mut redis::Connection> {
+        if self.con.is_none() {
+            if self.retry_at.is_some_and(|at| Instant::now() < at) {
+                return None;
+            }
+            match connect(&self.url, settings::redis_timeout()) {
+                Ok(con) => {
+                    if self.reachable != Some(true) {
+                        let again = if self.reachable.is_some() {
+                            " again"
+                        } else {
+                            ""
+                        };
+                        log!(
+                            "queue_pg bridge: Redis at {} reachable{again}",
+                            redact(&self.url)
+                        );
+                    }
+                    self.reachable = Some(true);
+                    self.retry_at = None;
+                    self.backoff = FIRST_RETRY;
+                    self.con = Some(con);
+                }
+                Err(e) => {
+                    self.failed(e);
+                    return None;
+                }
+            }
+        }
+        self.con.as_mut()
+    }
+
+    /// A command failed: drop the connection and back off. Jobs stay in Postgres meanwhile.
+    pub fn failed(&mut self, error: String) {
+        let error = crate::redis::conn::scrub(&error, &self.url);
+        if self.reachable != Some(false) {
+            warning!(
+                "queue_pg bridge: Redis at {} unreachable: {error}; jobs stay in Postgres and are pushed when it is back",
+                redact(&self.url)
+            );
+        }
+        super::shared::add_error();
+        self.reachable = Some(false);
+        self.last_error = Some(error);
+        self.con = None;
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_RETRY);
+    }
+
+    /// How long until the next connection attempt is due (None when connected).
+    pub fn retry_in(&self) -> Option<Duration> {
+        self.retry_at
+            .filter(|_| self.con.is_none())
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+}

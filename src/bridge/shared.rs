@@ -1,0 +1,99 @@
+//! The bridge's shared-memory block: how backends wake it, and what it publishes about itself.
+//! Only atomics: no backend ever takes a lock to read or write it.
+
+use pgrx::prelude::*;
+use pgrx::{PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+#[derive(Default)]
+pub struct BridgeShared {
+    /// Address of the bridge's process latch (0 while no bridge runs).
+    latch: AtomicUsize,
+    pid: AtomicI32,
+    /// Unix time in microseconds when the bridge last finished a cycle.
+    last_cycle_us: AtomicI64,
+    dispatched_total: AtomicU64,
+    errors_total: AtomicU64,
+}
+
+unsafe impl PGRXSharedMemory for BridgeShared {}
+
+pub static SHARED: PgAtomic<BridgeShared> = unsafe { PgAtomic::new(c"queue_pg_bridge") };
+
+/// Set in the postmaster when the block is requested; every backend inherits it by fork.
+static IN_SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
+
+/// Requests the shared memory; called from `_PG_init` while loading from shared_preload_libraries.
+pub fn init() {
+    pgrx::pg_shmem_init!(SHARED);
+    IN_SHARED_MEMORY.store(true, Ordering::Relaxed);
+}
+
+/// The block, or None when queue_pg was not preloaded (then there is no bridge either).
+fn shared() -> Option<&'static BridgeShared> {
+    IN_SHARED_MEMORY
+        .load(Ordering::Relaxed)
+        .then(|| SHARED.get())
+}
+
+/// Sets the bridge's latch. Never raises: safe in a commit callback.
+pub fn wake_bridge() {
+    if let Some(s) = shared() {
+        let latch = s.latch.load(Ordering::Acquire);
+        if latch != 0 {
+            unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+        }
+    }
+}
+
+/// Called by the bridge when it starts: from now on commits wake it.
+pub fn publish_bridge_process() {
+    if let Some(s) = shared() {
+        let latch = unsafe { &raw mut (*pg_sys::MyProc).procLatch } as usize;
+        s.pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+        s.latch.store(latch, Ordering::Release);
+    }
+}
+
+/// Called by the bridge when it exits.
+pub fn clear_bridge_process() {
+    if let Some(s) = shared() {
+        s.latch.store(0, Ordering::Release);
+        s.pid.store(0, Ordering::Release);
+    }
+}
+
+pub fn record_cycle(now_us: i64) {
+    if let Some(s) = shared() {
+        s.last_cycle_us.store(now_us, Ordering::Relaxed);
+    }
+}
+
+pub fn add_dispatched(n: u64) {
+    if let Some(s) = shared() {
+        s.dispatched_total.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub fn add_error() {
+    if let Some(s) = shared() {
+        s.errors_total.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What the bridge published, for monitoring.
+pub struct BridgeStatus {
+    pub pid: i32,
+    pub last_cycle_us: i64,
+    pub dispatched_total: u64,
+    pub errors_total: u64,
+}
+
+pub fn status() -> Option<BridgeStatus> {
+    shared().map(|s| BridgeStatus {
+        pid: s.pid.load(Ordering::Acquire),
+        last_cycle_us: s.last_cycle_us.load(Ordering::Relaxed),
+        dispatched_total: s.dispatched_total.load(Ordering::Relaxed),
+        errors_total: s.errors_total.load(Ordering::Relaxed),
+    })
+}

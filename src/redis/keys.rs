@@ -1,0 +1,46 @@
+//! The one place where Redis key names are built. Workers depend on these names (see SPEC.md,
+//! "Redis layout"); the `{queue}` hash tag keeps one queue's keys in one Redis Cluster slot.
+
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Keys {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// `queue_pg:{emails}:high`: the list workers BRPOP from.
+    pub fn list(&self, queue: &str, priority: &str) -> String {
+        format!("{}:{{{}}}:{}", self.prefix, queue, priority)
+    }
+
+    /// `queue_pg:{emails}:high:pushed`: how many messages the bridge ever pushed to that list.
+    /// Lists are FIFO, so `pushed - LLEN` messages have left it: the bridge's way to know which
+    /// jobs a worker has popped.
+    pub fn pushed_counter(&self, queue: &str, priority: &str) -> String {
+        format!("{}:{{{}}}:{}:pushed", self.prefix, queue, priority)
+    }
+
+    /// `queue_pg:job:42`: the job's status hash.
+    pub fn job(&self, id: i64) -> String {
+        format!("{}:job:{}", self.prefix, id)
+    }
+
+    /// `queue_pg:deadletter:queue`: one JSON entry per dead job.
+    pub fn dead_letter_list(&self) -> String {
+        format!("{}:deadletter:queue", self.prefix)
+    }
+
+    /// `queue_pg:deadletter:42`: `moved`, with the dead-letter TTL.
+    pub fn dead_letter_marker(&self, id: i64) -> String {
+        format!("{}:deadletter:{}", self.prefix, id)
+    }
+
+    /// `queue_pg:bridge:epoch`: set by the bridge; if it disappears, Redis lost its data.
+    pub fn epoch(&self) -> String {
+        format!("{}:bridge:epoch", self.prefix)
+    }
+}

@@ -1,0 +1,238 @@
+//! Every `queue.*` setting (GUC), with the spec's defaults and contexts.
+//!
+//! Durations are stored as integers in the unit named by their flag (ms or s), so that
+//! `SET queue.lease = '10min'` and `SHOW queue.lease` work as for Postgres's own settings.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+pub static REDIS_URL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static REDIS_PREFIX: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"queue_pg"));
+pub static DEFAULT_MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+pub static BACKOFF_BASE_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BACKOFF_MAX_MS: GucSetting<i32> = GucSetting::<i32>::new(3_600_000);
+pub static BACKOFF_JITTER: GucSetting<f64> = GucSetting::<f64>::new(0.0);
+pub static LEASE_MS: GucSetting<i32> = GucSetting::<i32>::new(300_000);
+pub static START_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static JOB_HASH_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static DEAD_LETTER_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(604_800);
+pub static COMPLETED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1_048_576);
+pub static REDIS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+pub static MEMORY_CHECK_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+
+const MAX_INT: i32 = i32::MAX;
+
+/// Registers every setting. Called from `_PG_init`.
+pub fn register() {
+    use GucContext::*;
+    let none = GucFlags::default();
+    let ms = GucFlags::UNIT_MS;
+    let s = GucFlags::UNIT_S;
+
+    // Superuser only and never shown to others: the URL may carry a password.
+    GucRegistry::define_string_guc(
+        c"queue.redis_url",
+        c"Redis URL the bridge and queue_pg's SQL functions connect to.",
+        c"redis://[:password@]host:port[/db]. Only superusers can read or set it.",
+        &REDIS_URL,
+        Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"queue.database",
+        c"Database the bridge connects to (where CREATE EXTENSION queue_pg was run).",
+        c"",
+        &DATABASE,
+        Postmaster,
+        none,
+    );
+    GucRegistry::define_string_guc(
+        c"queue.redis_prefix",
+        c"Prefix of every Redis key queue_pg writes.",
+        c"",
+        &REDIS_PREFIX,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.default_max_attempts",
+        c"Attempts a job gets when neither enqueue nor its queue says otherwise.",
+        c"",
+        &DEFAULT_MAX_ATTEMPTS,
+        1,
+        1000,
+        Userset,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.backoff_base",
+        c"Base of the exponential retry delay: delay = base * 2^attempts.",
+        c"",
+        &BACKOFF_BASE_MS,
+        0,
+        MAX_INT,
+        Userset,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.backoff_max",
+        c"Cap of the retry delay.",
+        c"",
+        &BACKOFF_MAX_MS,
+        0,
+        MAX_INT,
+        Userset,
+        ms,
+    );
+    GucRegistry::define_float_guc(
+        c"queue.backoff_jitter",
+        c"Random fraction added to or taken from each retry delay (0 = none).",
+        c"",
+        &BACKOFF_JITTER,
+        0.0,
+        1.0,
+        Userset,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.lease",
+        c"How long a started job is held before its lease expires.",
+        c"",
+        &LEASE_MS,
+        1,
+        MAX_INT,
+        Userset,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.start_timeout",
+        c"How long after a job left Redis the bridge waits for its start before dispatching it again.",
+        c"",
+        &START_TIMEOUT_MS,
+        1,
+        MAX_INT,
+        Sighup,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.poll_interval",
+        c"How often the bridge wakes without a commit to wake it.",
+        c"",
+        &POLL_INTERVAL_MS,
+        10,
+        MAX_INT,
+        Sighup,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.batch_size",
+        c"Jobs the bridge pushes to Redis in one pipelined round trip.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.job_hash_ttl",
+        c"How long a finished job's Redis hash is kept.",
+        c"",
+        &JOB_HASH_TTL_S,
+        1,
+        MAX_INT,
+        Sighup,
+        s,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.dead_letter_ttl",
+        c"How long a dead job's Redis marker is kept.",
+        c"",
+        &DEAD_LETTER_TTL_S,
+        1,
+        MAX_INT,
+        Sighup,
+        s,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.completed_retention",
+        c"How long completed jobs stay in queue.jobs before the bridge prunes them.",
+        c"",
+        &COMPLETED_RETENTION_S,
+        0,
+        MAX_INT,
+        Sighup,
+        s,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.max_payload_bytes",
+        c"Largest accepted payload, as the length of its JSON text.",
+        c"",
+        &MAX_PAYLOAD_BYTES,
+        1,
+        MAX_INT,
+        Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.redis_timeout",
+        c"Longest any SQL call or bridge step waits on Redis.",
+        c"",
+        &REDIS_TIMEOUT_MS,
+        1,
+        600_000,
+        Suset,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.memory_check_interval",
+        c"How often the bridge runs queue.optimize_memory().",
+        c"",
+        &MEMORY_CHECK_INTERVAL_S,
+        1,
+        MAX_INT,
+        Sighup,
+        s,
+    );
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"queue".as_ptr()) };
+}
+
+fn string(setting: &GucSetting<Option<CString>>, default: &str) -> String {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+pub fn redis_url() -> String {
+    string(&REDIS_URL, "redis://127.0.0.1:6379")
+}
+pub fn database() -> String {
+    string(&DATABASE, "postgres")
+}
+pub fn redis_prefix() -> String {
+    string(&REDIS_PREFIX, "queue_pg")
+}
+pub fn default_max_attempts() -> i32 {
+    DEFAULT_MAX_ATTEMPTS.get()
+}
+pub fn max_payload_bytes() -> usize {
+    MAX_PAYLOAD_BYTES.get() as usize
+}
+pub fn poll_interval() -> Duration {
+    Duration::from_millis(POLL_INTERVAL_MS.get() as u64)
+}
+pub fn batch_size() -> usize {
+    BATCH_SIZE.get() as usize
+}
+pub fn redis_timeout() -> Duration {
+    Duration::from_millis(REDIS_TIMEOUT_MS.get() as u64)
+}

@@ -1,0 +1,33 @@
+//! Prepared SPI plans, kept for the life of the backend so that hot statements (enqueue, the
+//! bridge's dispatch queries) are parsed and planned once, not on every call.
+
+use pgrx::pg_sys::PgOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+thread_local! {
+    static PLANS: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `f` with the kept plan of `sql`, preparing it on first use in this backend.
+/// Plans are prepared as read-write; Postgres re-plans them itself when the schema changes.
+pub fn with_plan<'conn, R>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static str,
+    arg_types: &[PgOid],
+    f: impl FnOnce(&mut SpiClient<'conn>, &OwnedPreparedStatement) -> R,
+) -> R {
+    let plan = PLANS.with(|plans| plans.borrow_mut().remove(sql));
+    let plan = match plan {
+        Some(plan) => plan,
+        None => client
+            .prepare_mut(sql, arg_types)
+            .unwrap_or_else(|e| panic!("queue_pg: preparing a statement failed: {e}"))
+            .keep(),
+    };
+    // Taken out while in use, so a nested call cannot alias it; put back afterwards.
+    let result = f(client, &plan);
+    PLANS.with(|plans| plans.borrow_mut().insert(sql, plan));
+    result
+}
