@@ -81,6 +81,21 @@ def reconnect_after_restart(timeout=30.0):
     return wait_for(attempt, timeout=timeout, interval=0.2, what="postgres to accept connections")
 
 
+def after_crash_restart(old_conn):
+    """After a backend was killed: waits until the postmaster has thrown out every backend
+    (old_conn dies with them) and accepts connections again; returns a fresh connection."""
+
+    def old_is_dead():
+        try:
+            old_conn.execute("SELECT 1")
+            return False
+        except psycopg.Error:
+            return True
+
+    wait_for(old_is_dead, timeout=30, interval=0.05, what="the postmaster to restart the backends")
+    return reconnect_after_restart()
+
+
 def set_config(db, **settings):
     """ALTER SYSTEM + reload, for settings the bridge reads (reset after each test)."""
     for name, value in settings.items():

@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from conftest import bridge_pid, list_key, reconnect_after_restart, set_config, stack, wait_for
+from conftest import after_crash_restart, bridge_pid, list_key, set_config, stack, wait_for
 
 
 def all_ids(r, queue):
@@ -61,7 +61,7 @@ def test_bridge_killed_mid_drain_restarts_and_every_job_arrives(db, r):
     assert in_flight < 10000, "the drain finished before the kill: the test proves nothing"
 
     # A killed backend makes the postmaster restart every process; then the bridge comes back.
-    db = reconnect_after_restart()
+    db = after_crash_restart(db)
     set_config(db, batch_size=500)
     wait_for(lambda: bridge_pid(db) not in (None, pid), timeout=30, what="a new bridge")
     wait_for(lambda: len(set(all_ids(r, "crash"))) == 10000, timeout=60, what="every job in Redis")

@@ -52,16 +52,25 @@ redis_start() {
 }
 
 redis_stop() {
+    local pid
+    pid=$(cat "$QPG_HOME/redis.pid" 2>/dev/null || true)
     redis_cli shutdown nosave >/dev/null 2>&1 || true
+    # Also by pid, in case it runs on another port than this environment says.
+    [ -z "$pid" ] || kill "$pid" 2>/dev/null || true
     for _ in $(seq 100); do
-        redis_cli ping >/dev/null 2>&1 || return 0
+        if ! redis_cli ping >/dev/null 2>&1 && { [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; }; then
+            return 0
+        fi
         sleep 0.05
     done
+    echo "redis-server did not stop" >&2
+    return 1
 }
 
 pg_stop() {
     if [ -f "$PGDATA/postmaster.pid" ]; then
-        as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null 2>&1 || true
+        as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null 2>&1 ||
+            as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null
     fi
 }
 

@@ -6,8 +6,20 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// Argument types for [`with_plan`].
+pub mod types {
+    use pgrx::pg_sys::{BuiltinOid, PgOid};
+    pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
+    pub const JSONB: PgOid = PgOid::BuiltIn(BuiltinOid::JSONBOID);
+    pub const INT4: PgOid = PgOid::BuiltIn(BuiltinOid::INT4OID);
+    pub const INT8: PgOid = PgOid::BuiltIn(BuiltinOid::INT8OID);
+    pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT8ARRAYOID);
+    pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZOID);
+}
+
 thread_local! {
-    static PLANS: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    // Keyed by where the statement text lives (each is a `const`): no hashing of long strings.
+    static PLANS: RefCell<HashMap<(usize, usize), OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
 /// Runs `f` with the kept plan of `sql`, preparing it on first use in this backend.
@@ -18,7 +30,8 @@ pub fn with_plan<'conn, R>(
     arg_types: &[PgOid],
     f: impl FnOnce(&mut SpiClient<'conn>, &OwnedPreparedStatement) -> R,
 ) -> R {
-    let plan = PLANS.with(|plans| plans.borrow_mut().remove(sql));
+    let key = (sql.as_ptr() as usize, sql.len());
+    let plan = PLANS.with(|plans| plans.borrow_mut().remove(&key));
     let plan = match plan {
         Some(plan) => plan,
         None => client
@@ -28,6 +41,6 @@ pub fn with_plan<'conn, R>(
     };
     // Taken out while in use, so a nested call cannot alias it; put back afterwards.
     let result = f(client, &plan);
-    PLANS.with(|plans| plans.borrow_mut().insert(sql, plan));
+    PLANS.with(|plans| plans.borrow_mut().insert(key, plan));
     result
 }

@@ -6,9 +6,9 @@ use super::raw_jsonb::RawJsonb;
 use super::validate;
 use crate::bridge::wake::wake_on_commit;
 use crate::settings;
+use crate::spi_plans::types::{INT4, JSONB, TEXT, TIMESTAMPTZ};
 use crate::spi_plans::with_plan;
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
-use pgrx::pg_sys::{self, PgOid};
 use pgrx::prelude::*;
 
 const INSERT_JOB: &str = "
@@ -51,11 +51,6 @@ const LARGEST_ELEMENT: &str = "
     WHERE octet_length(e.value::text) > $2
     ORDER BY e.n
     LIMIT 1";
-
-const TEXT: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID);
-const JSONB: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::JSONBOID);
-const INT4: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::INT4OID);
-const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(pg_sys::BuiltinOid::TIMESTAMPTZOID);
 
 /// Inserts one job and returns its id. With `dedupe_key`, an unfinished job with the same queue
 /// and key is returned instead of a new one.

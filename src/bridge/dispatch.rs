@@ -1,11 +1,15 @@
 //! Dispatch: read a batch of queued jobs, push it to Redis in one pipelined MULTI/EXEC, and mark
 //! the jobs `migrated` only after Redis acknowledged. The mark of one batch and the read of the
-//! next share a transaction; no transaction is open while Redis is being talked to.
+//! next share a transaction; the bridge never waits for Redis inside a transaction.
 //!
 //! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
 //! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
 
-use crate::redis::{iso_utc, Keys};
+use crate::redis::{iso_utc, iso_utc_from_pg, Keys};
+use crate::spi_plans::types::{INT8, INT8_ARRAY};
+use crate::spi_plans::with_plan;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::spi::SpiClient;
 use std::time::SystemTime;
 
 /// A queued job as the bridge reads it.
@@ -28,54 +32,61 @@ pub struct Pushed {
 
 const READ_BATCH: &str = r#"
     SELECT j.id, j.queue_name, j.priority, j.payload::text, j.attempt_count, j.max_attempts,
-           to_char(j.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+           j.created_at
     FROM queue.jobs j
-    WHERE j.status = 'queued'
+    WHERE j.status = 'queued' AND j.id > $2
       AND NOT EXISTS (SELECT 1 FROM queue.queues q WHERE q.queue_name = j.queue_name AND q.paused)
     ORDER BY j.id
     LIMIT $1"#;
 
-// SKIP LOCKED: a job a worker is starting or a user is cancelling right now is left alone
-// (the bridge never waits on an application's lock); its own transaction decides its state.
+// Only jobs still `queued`: one that a worker already started (it may pop a job before this
+// mark) or that was cancelled meanwhile keeps the state its own transaction gave it.
 const MARK_MIGRATED: &str = "
     UPDATE queue.jobs j
     SET status = 'migrated', dispatched_at = now(), dispatch_seq = b.seq, updated_at = now()
-    FROM (SELECT x.id, b.seq
-          FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
-          JOIN queue.jobs x ON x.id = b.id
-          WHERE x.status = 'queued'
-          FOR UPDATE OF x SKIP LOCKED) b
-    WHERE j.id = b.id";
+    FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
+    WHERE j.id = b.id AND j.status = 'queued'";
 
 /// Marks what Redis acknowledged as `migrated`. Runs inside the caller's transaction.
-pub fn mark_migrated(client: &mut pgrx::spi::SpiClient<'_>, pushed: Pushed) {
+pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {
     if pushed.ids.is_empty() {
         return;
     }
-    client
-        .update(
-            MARK_MIGRATED,
-            None,
-            &[pushed.ids.into(), pushed.seqs.into()],
-        )
-        .unwrap_or_else(|e| panic!("queue_pg bridge: marking jobs migrated failed: {e}"));
+    let args = [pushed.ids.into(), pushed.seqs.into()];
+    with_plan(
+        client,
+        MARK_MIGRATED,
+        &[INT8_ARRAY, INT8_ARRAY],
+        |client, plan| client.update(plan, None, &args).map(|_| ()),
+    )
+    .unwrap_or_else(|e| panic!("queue_pg bridge: marking jobs migrated failed: {e}"));
 }
 
-/// Reads up to `limit` queued jobs of unpaused queues, oldest first.
-pub fn read_batch(client: &pgrx::spi::SpiClient<'_>, limit: usize) -> Vec<Job> {
-    let rows = client
-        .select(READ_BATCH, None, &[(limit as i64).into()])
-        .unwrap_or_else(|e| panic!("queue_pg bridge: reading queued jobs failed: {e}"));
-    rows.map(|row| Job {
-        id: row.get(1).ok().flatten().unwrap_or_default(),
-        queue: row.get(2).ok().flatten().unwrap_or_default(),
-        priority: row.get(3).ok().flatten().unwrap_or_default(),
-        payload: row.get(4).ok().flatten().unwrap_or_else(|| "null".into()),
-        attempt_count: row.get(5).ok().flatten().unwrap_or_default(),
-        max_attempts: row.get(6).ok().flatten().unwrap_or_default(),
-        enqueued_at: row.get(7).ok().flatten().unwrap_or_default(),
+/// Reads up to `limit` queued jobs of unpaused queues with ids above `after_id`, oldest first.
+/// (`after_id` skips the batch still in flight to Redis, which is not marked yet.)
+pub fn read_batch(client: &mut SpiClient<'_>, after_id: i64, limit: usize) -> Vec<Job> {
+    let args = [(limit as i64).into(), after_id.into()];
+    with_plan(client, READ_BATCH, &[INT8, INT8], |client, plan| {
+        let rows = client.select(plan, None, &args)?;
+        Ok::<_, pgrx::spi::SpiError>(
+            rows.map(|row| Job {
+                id: row.get(1).ok().flatten().unwrap_or_default(),
+                queue: row.get(2).ok().flatten().unwrap_or_default(),
+                priority: row.get(3).ok().flatten().unwrap_or_default(),
+                payload: row.get(4).ok().flatten().unwrap_or_else(|| "null".into()),
+                attempt_count: row.get(5).ok().flatten().unwrap_or_default(),
+                max_attempts: row.get(6).ok().flatten().unwrap_or_default(),
+                enqueued_at: row
+                    .get::<TimestampWithTimeZone>(7)
+                    .ok()
+                    .flatten()
+                    .map(|t| iso_utc_from_pg(t.into_inner()))
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        )
     })
-    .collect()
+    .unwrap_or_else(|e| panic!("queue_pg bridge: reading queued jobs failed: {e}"))
 }
 
 /// The list entry workers pop (SPEC.md, "Redis layout"). `attempt` is the attempt this delivery is for.
@@ -96,9 +107,20 @@ fn json_string(s: &str) -> String {
     serde_json::to_string(s).expect("a string always serializes")
 }
 
-/// Pushes `jobs` in one MULTI/EXEC round trip: per list, one LPUSH of its messages in id order
-/// (so BRPOP takes the oldest first) and one INCRBY of its push counter; per job, its hash.
-pub fn push(con: &mut redis::Connection, keys: &Keys, jobs: &[Job]) -> Result<Pushed, String> {
+/// A batch whose MULTI/EXEC was sent to Redis and whose reply has not been read yet.
+pub struct InFlight {
+    /// Job ids per list, in push order.
+    lists: Vec<Vec<i64>>,
+    /// Commands between MULTI and EXEC.
+    commands: usize,
+}
+
+/// Sends `jobs` as one MULTI/EXEC without waiting for the reply: per list, one LPUSH of its
+/// messages in id order (so BRPOP takes the oldest first) and one INCRBY of its push counter;
+/// per job, its hash. The bridge reads the reply with [`receive`] after its next Postgres
+/// transaction, so Redis and Postgres work at the same time, and no transaction is open while
+/// the bridge waits for Redis.
+pub fn send(con: &mut redis::Connection, keys: &Keys, jobs: &[Job]) -> Result<InFlight, String> {
     let now = iso_utc(SystemTime::now());
     let mut pipe = redis::pipe();
     pipe.atomic();
@@ -117,7 +139,6 @@ pub fn push(con: &mut redis::Connection, keys: &Keys, jobs: &[Job]) -> Result<Pu
         for job in members {
             lpush.arg(message(job));
         }
-        lpush.ignore();
         pipe.cmd("INCRBY")
             .arg(keys.pushed_counter(queue, priority))
             .arg(members.len());
@@ -134,18 +155,46 @@ pub fn push(con: &mut redis::Connection, keys: &Keys, jobs: &[Job]) -> Result<Pu
             .arg("queued_at")
             .arg(&now)
             .arg("updated_at")
-            .arg(&now)
-            .ignore();
+            .arg(&now);
     }
+    con.send_packed_command(&pipe.get_packed_pipeline())
+        .map_err(|e| e.to_string())?;
+    Ok(InFlight {
+        lists: lists
+            .iter()
+            .map(|(_, members)| members.iter().map(|j| j.id).collect())
+            .collect(),
+        commands: pipe.len(),
+    })
+}
 
-    let counters: Vec<i64> = pipe.query(con).map_err(|e| e.to_string())?;
-    let mut pushed = Pushed::default();
-    for (((_, members), counter), _) in lists.iter().zip(counters).zip(0..) {
-        let first = counter - members.len() as i64 + 1;
-        for (k, job) in members.iter().enumerate() {
-            pushed.ids.push(job.id);
-            pushed.seqs.push(first + k as i64);
+/// Reads the reply of a sent batch: what Redis acknowledged, with each job's list position.
+pub fn receive(con: &mut redis::Connection, batch: InFlight) -> Result<Pushed, String> {
+    use redis::Value;
+    // MULTI → OK, each command → QUEUED, EXEC → the array of the commands' replies.
+    for _ in 0..=batch.commands {
+        match con.recv_response().map_err(|e| e.to_string())? {
+            Value::Okay => {}
+            Value::SimpleString(s) if s == "QUEUED" => {}
+            other => return Err(format!("unexpected reply in MULTI: {other:?}")),
         }
+    }
+    let replies = match con.recv_response().map_err(|e| e.to_string())? {
+        Value::Array(replies) => replies,
+        other => return Err(format!("EXEC failed: {other:?}")),
+    };
+    let mut pushed = Pushed::default();
+    for (g, ids) in batch.lists.into_iter().enumerate() {
+        // Replies per list: LPUSH, then INCRBY (the counter after this push).
+        let Some(Value::Int(counter)) = replies.get(2 * g + 1) else {
+            return Err(format!(
+                "unexpected INCRBY reply: {:?}",
+                replies.get(2 * g + 1)
+            ));
+        };
+        let first = counter - ids.len() as i64 + 1;
+        pushed.seqs.extend((0..ids.len() as i64).map(|k| first + k));
+        pushed.ids.extend(ids);
     }
     Ok(pushed)
 }

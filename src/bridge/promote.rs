@@ -1,6 +1,9 @@
 //! Scheduled jobs (a future `run_at`) and retrying jobs (waiting out their backoff) become
 //! `queued` once due; dispatch then pushes them like any other queued job.
 
+use crate::spi_plans::types::INT8;
+use crate::spi_plans::with_plan;
+use pgrx::spi::SpiClient;
 use std::time::Duration;
 
 /// At most this many jobs per promotion statement, so one statement stays short.
@@ -17,25 +20,26 @@ const PROMOTE_DUE: &str = "
     FROM due WHERE j.id = due.id";
 
 const NEXT_DUE: &str = "
-    SELECT GREATEST(0, EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp())) * 1000)::bigint
+    SELECT (EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp())) * 1000)::bigint
     FROM queue.jobs WHERE status IN ('scheduled', 'retry_scheduled')";
 
 /// Promotes due jobs; returns how many. Runs inside the caller's transaction.
-pub fn promote_due(client: &mut pgrx::spi::SpiClient<'_>) -> usize {
-    client
-        .update(PROMOTE_DUE, None, &[PROMOTE_LIMIT.into()])
-        .map(|t| t.len())
-        .unwrap_or_else(|e| panic!("queue_pg bridge: promoting due jobs failed: {e}"))
+pub fn promote_due(client: &mut SpiClient<'_>) -> usize {
+    with_plan(client, PROMOTE_DUE, &[INT8], |client, plan| {
+        client
+            .update(plan, None, &[PROMOTE_LIMIT.into()])
+            .map(|t| t.len())
+    })
+    .unwrap_or_else(|e| panic!("queue_pg bridge: promoting due jobs failed: {e}"))
 }
 
-/// How long until the next scheduled or retrying job falls due (None if there is none).
-pub fn next_due_in(client: &pgrx::spi::SpiClient<'_>) -> Option<Duration> {
-    client
-        .select(NEXT_DUE, Some(1), &[])
-        .ok()?
-        .first()
-        .get_one::<i64>()
-        .ok()
-        .flatten()
-        .map(|ms| Duration::from_millis(ms.max(0) as u64))
+/// How long until the next scheduled or retrying job falls due (None if there is none;
+/// zero if one is due already).
+pub fn next_due_in(client: &mut SpiClient<'_>) -> Option<Duration> {
+    with_plan(client, NEXT_DUE, &[], |client, plan| {
+        client.select(plan, Some(1), &[])?.first().get_one::<i64>()
+    })
+    .ok()
+    .flatten()
+    .map(|ms| Duration::from_millis(ms.max(0) as u64))
 }

@@ -12,9 +12,10 @@ use super::redis_link::RedisLink;
 use super::shared;
 use crate::redis::Keys;
 use crate::settings;
+use crate::spi_plans::with_plan;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -30,11 +31,18 @@ pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
     log!("queue_pg bridge: started in database \"{database}\"");
 
     let mut bridge = Bridge::new();
+    let mut last_cycle = Instant::now();
     while !shutdown_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             bridge.reload();
         }
+        // Under a stream of commits, run at most one cycle per MIN_CYCLE_GAP: the jobs of many
+        // commits then share a batch instead of each paying for a cycle of its own.
+        if let Some(rest) = MIN_CYCLE_GAP.checked_sub(last_cycle.elapsed()) {
+            unsafe { pg_sys::pg_usleep(rest.as_micros() as std::ffi::c_long) };
+        }
+        last_cycle = Instant::now();
         let sleep = bridge.cycle();
         if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
@@ -43,6 +51,9 @@ pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
     shared::clear_bridge_process();
     log!("queue_pg bridge: stopped");
 }
+
+/// The shortest time between the starts of two cycles (see the main loop).
+const MIN_CYCLE_GAP: Duration = Duration::from_millis(2);
 
 fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
@@ -80,39 +91,56 @@ impl Bridge {
     }
 
     /// One cycle; returns how long to sleep before the next.
+    ///
+    /// Batches are pipelined: while Postgres marks batch k-1 and reads batch k+1, Redis applies
+    /// batch k. The reply of batch k is read between the two transactions.
     fn cycle(&mut self) -> Duration {
         let mut sleep = settings::poll_interval();
         let limit = settings::batch_size();
-        let redis_ready = self.redis.get().is_some();
+        let mut redis_ok = self.redis.get().is_some();
 
-        // Each step marks the previous batch and reads the next in one transaction; the push
-        // to Redis happens between transactions.
-        let mut pushed = Pushed::default();
         let mut first = true;
+        let mut to_mark = Pushed::default();
+        let mut in_flight = None;
+        let mut after_id = 0;
+        // Read another batch only after a full one: a partial batch means the backlog is empty.
+        let mut read_more = true;
         loop {
-            let read = redis_ready && !shutdown_requested();
-            let to_mark = std::mem::take(&mut pushed);
+            let read = redis_ok && read_more && !shutdown_requested();
+            let marking = std::mem::take(&mut to_mark);
             let step = BackgroundWorker::transaction(move || {
-                Spi::connect_mut(|client| Self::step(client, first, to_mark, read, limit))
+                Spi::connect_mut(|client| Self::step(client, first, marking, read, after_id, limit))
             });
             first = false;
             self.note_extension(step.extension_present);
             if let Some(due) = step.next_due_in {
                 sleep = sleep.min(due);
             }
-            if step.batch.is_empty() {
-                break;
+            if let Some(batch) = in_flight.take() {
+                redis_ok &= self.collect(batch, &mut to_mark);
             }
-            let Some(con) = self.redis.get() else { break };
-            match dispatch::push(con, &self.keys, &step.batch) {
-                Ok(p) => {
-                    shared::add_dispatched(p.ids.len() as u64);
-                    pushed = p;
+            read_more = step.batch.len() == limit;
+            if let Some(last) = step.batch.last() {
+                after_id = last.id;
+                match self
+                    .redis
+                    .get()
+                    .map(|con| dispatch::send(con, &self.keys, &step.batch))
+                {
+                    Some(Ok(batch)) if read_more => in_flight = Some(batch),
+                    // Nothing to overlap with: take the reply now, mark it in the next step.
+                    Some(Ok(batch)) => redis_ok &= self.collect(batch, &mut to_mark),
+                    Some(Err(e)) => {
+                        self.redis.failed(e);
+                        redis_ok = false;
+                    }
+                    None => redis_ok = false,
                 }
-                Err(e) => {
-                    self.redis.failed(e);
-                    break;
-                }
+            }
+            // Done when nothing is in flight and nothing is left to mark. After a Redis failure
+            // one more step marks what was acknowledged and reads nothing.
+            if in_flight.is_none() && to_mark.ids.is_empty() {
+                break;
             }
         }
         if let Some(retry) = self.redis.retry_in() {
@@ -122,13 +150,31 @@ impl Bridge {
         sleep
     }
 
+    /// Reads the reply of a sent batch and adds it to `to_mark`; false if Redis failed.
+    fn collect(&mut self, batch: dispatch::InFlight, to_mark: &mut Pushed) -> bool {
+        match self.redis.get().map(|con| dispatch::receive(con, batch)) {
+            Some(Ok(pushed)) => {
+                shared::add_dispatched(pushed.ids.len() as u64);
+                to_mark.ids.extend(pushed.ids);
+                to_mark.seqs.extend(pushed.seqs);
+                true
+            }
+            Some(Err(e)) => {
+                self.redis.failed(e);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// One transaction of the drain loop: mark what Redis acknowledged, then read the next batch.
     /// The first step of a cycle also checks the extension and promotes due jobs.
     fn step(
         client: &mut pgrx::spi::SpiClient<'_>,
         first: bool,
-        pushed: Pushed,
+        acknowledged: Pushed,
         read: bool,
+        after_id: i64,
         limit: usize,
     ) -> Step {
         let mut step = Step {
@@ -137,19 +183,20 @@ impl Bridge {
             next_due_in: None,
         };
         if first {
-            step.extension_present = client
-                .select(EXTENSION_PRESENT, Some(1), &[])
-                .ok()
-                .and_then(|t| t.first().get_one::<bool>().ok().flatten())
-                .unwrap_or(false);
+            step.extension_present = with_plan(client, EXTENSION_PRESENT, &[], |client, plan| {
+                client.select(plan, Some(1), &[])?.first().get_one::<bool>()
+            })
+            .ok()
+            .flatten()
+            .unwrap_or(false);
             if !step.extension_present {
                 return step;
             }
             promote::promote_due(client);
         }
-        dispatch::mark_migrated(client, pushed);
+        dispatch::mark_migrated(client, acknowledged);
         if read {
-            step.batch = dispatch::read_batch(client, limit);
+            step.batch = dispatch::read_batch(client, after_id, limit);
         }
         if step.batch.is_empty() {
             step.next_due_in = promote::next_due_in(client);

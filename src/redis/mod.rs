@@ -13,6 +13,16 @@ pub fn iso_utc(t: std::time::SystemTime) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
+    iso_utc_from_unix_ms(ms)
+}
+
+/// The same format for a Postgres timestamptz (microseconds since 2000-01-01 UTC).
+pub fn iso_utc_from_pg(pg_micros: i64) -> String {
+    const PG_EPOCH_UNIX_MS: i64 = 946_684_800_000;
+    iso_utc_from_unix_ms(pg_micros.div_euclid(1000) + PG_EPOCH_UNIX_MS)
+}
+
+fn iso_utc_from_unix_ms(ms: i64) -> String {
     let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;

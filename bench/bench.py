@@ -1,0 +1,170 @@
+"""queue_pg benchmarks. Each figure is printed next to a baseline measured in the same run.
+
+(a) enqueue throughput: pgbench, 8 clients, `SELECT queue.enqueue(...)` against a bare INSERT of
+    the same row into a plain table with the same columns, constraints and indexes.
+(b) commit-to-Redis latency at a steady 1,000 jobs/s (pgbench --rate), measured from the
+    enqueueing statement's clock_timestamp() (so it includes the commit itself) to the moment a
+    BRPOP consumer receives the message.
+(c) drain: a backlog of 100,000 committed jobs, from resume() to the last one in Redis, against
+    pushing the same 100,000 messages straight to Redis from a pipelined client (no Postgres).
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+
+import psycopg
+import redis as redis_py
+
+HOME = os.environ["QPG_HOME"]
+PGPORT = os.environ["QPG_PGPORT"]
+REDIS_PORT = int(os.environ["QPG_REDIS_PORT"])
+DSN = f"host={HOME} port={PGPORT} user=postgres dbname=postgres"
+PAYLOAD = '{"to": "ada@example.com", "template": "welcome", "n": 1}'
+
+
+def db():
+    return psycopg.connect(DSN, autocommit=True)
+
+
+def pgbench(script, clients, seconds, extra=()):
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script + "\n")
+    out = subprocess.run(
+        ["/usr/lib/postgresql/15/bin/pgbench", "-h", HOME, "-p", PGPORT, "-U", "postgres", "-n",
+         "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
+         "-f", f.name, *extra, "postgres"],
+        check=True, capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    return float(re.search(r"tps = ([\d.]+)", out).group(1))
+
+
+def reset(conn, r):
+    conn.execute("TRUNCATE queue.jobs, queue.queues, bench.plain_jobs")
+    conn.execute("CHECKPOINT")
+    r.flushall()
+
+
+def wait_until(predicate, timeout=600, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(interval)
+
+
+def create_baseline_table(conn):
+    """The bare-INSERT baseline: queue.jobs's columns, defaults, constraints and indexes."""
+    conn.execute("CREATE SCHEMA IF NOT EXISTS bench")
+    conn.execute("DROP TABLE IF EXISTS bench.plain_jobs")
+    conn.execute("CREATE TABLE bench.plain_jobs (LIKE queue.jobs INCLUDING ALL)")
+
+
+def bench_enqueue(conn, r, seconds):
+    insert = ("INSERT INTO bench.plain_jobs (queue_name, payload, priority, status, max_attempts, run_at) "
+              f"VALUES ('bench', '{PAYLOAD}', 'normal', 'queued', 5, now());")
+    enqueue = f"SELECT queue.enqueue('bench', '{PAYLOAD}');"
+    results = {}
+    # Interleave two rounds so that drift (checkpoints, cache) hits both sides alike.
+    for round_ in range(2):
+        for name, script in (("bare INSERT", insert), ("queue.enqueue", enqueue),
+                             ("bare INSERT, rolled back", f"BEGIN;\n{insert}\nROLLBACK;"),
+                             ("queue.enqueue, rolled back", f"BEGIN;\n{enqueue}\nROLLBACK;")):
+            reset(conn, r)
+            results.setdefault(name, []).append(pgbench(script, 8, seconds))
+    reset(conn, r)
+    print(f"\n(a) enqueue throughput, pgbench -c 8 -M prepared -T {seconds}, mean of 2 interleaved rounds")
+    print("    committed: each enqueue is also dispatched to Redis by the bridge while pgbench runs;")
+    print("    rolled back: the statement's own cost, without commit, fsync or dispatch")
+    ratios = {}
+    for name, runs in results.items():
+        base = statistics.mean(results["bare INSERT" if "rolled" not in name else "bare INSERT, rolled back"])
+        tps = statistics.mean(runs)
+        ratios[name] = tps / base
+        print(f"    {name:28s} {tps:9.0f} tx/s   ratio {tps / base:5.2f}   (runs: {', '.join(f'{x:.0f}' for x in runs)})")
+    return ratios
+
+
+def bench_latency(conn, r, seconds, rate=1000):
+    reset(conn, r)
+    latencies = []
+    stop = threading.Event()
+
+    def consume():
+        c = redis_py.Redis(port=REDIS_PORT)
+        while not stop.is_set():
+            got = c.brpop(["queue_pg:{latency}:normal"], timeout=1)
+            if got:
+                now = time.time()
+                latencies.append(now - json.loads(got[1])["payload"]["t"])
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    script = "SELECT queue.enqueue('latency', jsonb_build_object('t', extract(epoch from clock_timestamp())));"
+    tps = pgbench(script, 4, seconds, extra=("--rate", str(rate)))
+    time.sleep(1)
+    stop.set()
+    consumer.join()
+    lat = sorted(x * 1000 for x in latencies)
+    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    print(f"\n(b) commit-to-Redis latency at {rate} jobs/s for {seconds} s ({tps:.0f} tx/s achieved, {len(lat)} jobs)")
+    print(f"    p50 {p(0.50):.2f} ms   p90 {p(0.90):.2f} ms   p99 {p(0.99):.2f} ms   max {lat[-1]:.2f} ms")
+    return p(0.50), p(0.99)
+
+
+def bench_drain(conn, r, n=100_000):
+    reset(conn, r)
+    conn.execute("SELECT queue.pause('drain')")
+    for start in range(0, n, 10_000):
+        conn.execute(
+            "SELECT count(*) FROM queue.enqueue_many('drain', (SELECT jsonb_agg(jsonb_build_object('n', g, 'to', 'ada@example.com')) "
+            "FROM generate_series(%s::int, %s::int) g))", (start + 1, start + 10_000))
+    conn.execute("VACUUM ANALYZE queue.jobs")
+    key = "queue_pg:{drain}:normal"
+    t0 = time.monotonic()
+    conn.execute("SELECT queue.resume('drain')")
+    wait_until(lambda: r.llen(key) >= n)
+    bridge_s = time.monotonic() - t0
+    wait_until(lambda: conn.execute("SELECT count(*) FROM queue.jobs WHERE status = 'migrated'").fetchone()[0] == n)
+    messages = r.lrange(key, 0, -1)
+
+    # Baseline: the same messages pushed straight to Redis, 500 per pipelined round trip.
+    r.flushall()
+    t0 = time.monotonic()
+    for i in range(0, n, 500):
+        pipe = r.pipeline(transaction=True)
+        pipe.lpush(key, *messages[i:i + 500])
+        pipe.execute()
+    redis_s = time.monotonic() - t0
+    print(f"\n(c) drain of a {n:,}-job backlog")
+    print(f"    bridge (Postgres -> Redis, marked migrated)  {n / bridge_s:9.0f} jobs/s  ({bridge_s:.2f} s)")
+    print(f"    redis-py pipelined LPUSH only, no Postgres    {n / redis_s:9.0f} jobs/s  ({redis_s:.2f} s)")
+    print(f"    ratio bridge / bare Redis push: {redis_s / bridge_s:.2f}")
+    return n / bridge_s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--only", choices=["enqueue", "latency", "drain"])
+    args = ap.parse_args()
+    conn = db()
+    r = redis_py.Redis(port=REDIS_PORT, decode_responses=False)
+    print(f"queue_pg benchmarks on {os.cpu_count()} cores", flush=True)
+    create_baseline_table(conn)
+    if args.only in (None, "enqueue"):
+        bench_enqueue(conn, r, args.seconds)
+    if args.only in (None, "latency"):
+        bench_latency(conn, r, max(args.seconds, 10))
+    if args.only in (None, "drain"):
+        bench_drain(conn, r)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Benchmarks, each against a baseline doing the same work in the same run; prints ratios.
+#
+#   bench/run.sh                 # all: enqueue vs bare INSERT, commit-to-Redis latency, drain
+#   bench/run.sh --seconds 5     # shorter pgbench runs
+#
+# Uses its own throwaway cluster and Redis (ports 55462 / 56409), stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export QPG_HOME=${QPG_BENCH_HOME:-/tmp/queue_pg_bench} QPG_PGPORT=${QPG_BENCH_PGPORT:-55462} QPG_REDIS_PORT=${QPG_BENCH_REDIS_PORT:-56409}
+
+scripts/setup.sh
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import psycopg, redis" 2>/dev/null; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r pg_test/requirements.txt
+fi
+scripts/stack.sh up
+trap 'scripts/stack.sh down' EXIT
+.venv/bin/python bench/bench.py "$@"
