@@ -50,6 +50,10 @@ pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
     }
     shared::clear_bridge_process();
     log!("queue_pg bridge: stopped");
+    // Exit code 1, not 0: a bridge stopped by pg_terminate_backend() is started again after its
+    // restart time (exit code 0 would unregister it until the server restarts). At server
+    // shutdown the postmaster restarts nothing.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// The shortest time between the starts of two cycles (see the main loop).
