@@ -39,5 +39,11 @@ fi
 
 # 3. Build and install the extension into the system PostgreSQL 15.
 say "building and installing queue_pg (release)"
-cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 | grep -vE '^\s*(Compiling|Finished|Copying|Writing|Discovered|Installing|Stripping|Generating|Building)' || true
+log=$(mktemp)
+if ! cargo pgrx install --release --pg-config "$PG_CONFIG" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "building or installing queue_pg failed" >&2
+    exit 1
+fi
+rm -f "$log"
 test -f "$($PG_CONFIG --pkglibdir)/queue_pg.so" || { echo "queue_pg.so was not installed" >&2; exit 1; }
