@@ -66,18 +66,32 @@ def create_baseline_table(conn):
     conn.execute("CREATE TABLE bench.plain_jobs (LIKE queue.jobs INCLUDING ALL)")
 
 
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_enqueue(conn, r, seconds):
     insert = ("INSERT INTO bench.plain_jobs (queue_name, payload, priority, status, max_attempts, run_at) "
               f"VALUES ('bench', '{PAYLOAD}', 'normal', 'queued', 5, now());")
     enqueue = f"SELECT queue.enqueue('bench', '{PAYLOAD}');"
     results = {}
+    dispatch_cpu = []  # (bridge CPU s, redis CPU s, jobs) during the committed enqueue runs
     # Interleave two rounds so that drift (checkpoints, cache) hits both sides alike.
     for round_ in range(2):
         for name, script in (("bare INSERT", insert), ("queue.enqueue", enqueue),
                              ("bare INSERT, rolled back", f"BEGIN;\n{insert}\nROLLBACK;"),
                              ("queue.enqueue, rolled back", f"BEGIN;\n{enqueue}\nROLLBACK;")):
             reset(conn, r)
-            results.setdefault(name, []).append(pgbench(script, 8, seconds))
+            if name == "queue.enqueue":
+                bridge = conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'queue_pg bridge'").fetchone()[0]
+                redis_pid = r.info("server")["process_id"]
+                before = cpu_seconds(bridge), cpu_seconds(redis_pid)
+            tps = pgbench(script, 8, seconds)
+            results.setdefault(name, []).append(tps)
+            if name == "queue.enqueue":
+                dispatch_cpu.append((cpu_seconds(bridge) - before[0], cpu_seconds(redis_pid) - before[1], tps * seconds))
     reset(conn, r)
     print(f"\n(a) enqueue throughput, pgbench -c 8 -M prepared -T {seconds}, mean of 2 interleaved rounds")
     print("    committed: each enqueue is also dispatched to Redis by the bridge while pgbench runs;")
@@ -88,6 +102,10 @@ def bench_enqueue(conn, r, seconds):
         tps = statistics.mean(runs)
         ratios[name] = tps / base
         print(f"    {name:28s} {tps:9.0f} tx/s   ratio {tps / base:5.2f}   (runs: {', '.join(f'{x:.0f}' for x in runs)})")
+    bridge_s, redis_s, jobs = (sum(x[i] for x in dispatch_cpu) for i in range(3))
+    wall = seconds * len(dispatch_cpu)
+    print(f"    during the committed enqueue runs the bridge used {100 * bridge_s / wall:.0f} % of a core "
+          f"({1e6 * bridge_s / jobs:.0f} us per job), redis-server {100 * redis_s / wall:.0f} %")
     return ratios
 
 
