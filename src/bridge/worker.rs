@@ -2,7 +2,8 @@
 //! by batch, then sleep on the latch until a commit wakes it, the next scheduled job falls due,
 //! a Redis retry is due, or `queue.poll_interval` passes.
 //!
-//! Exit paths: SIGTERM or postmaster death end the loop and the process exits cleanly; an ERROR
+//! Exit paths: SIGTERM or postmaster death end the loop (exit code 1, so that a terminated bridge
+//! is started again; at shutdown nothing is restarted); an ERROR
 //! (or panic) exits with a failure and the postmaster restarts the bridge after its restart time.
 //! Jobs are marked only after Redis acknowledged them, so no exit path loses one.
 
