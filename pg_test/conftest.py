@@ -138,7 +138,7 @@ def clean_state(request, stack_up):
     db = reconnect_after_restart()
     db.execute("ALTER SYSTEM RESET ALL")
     db.execute("SELECT pg_reload_conf()")
-    db.execute("TRUNCATE queue.jobs, queue.queues RESTART IDENTITY")
+    db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox RESTART IDENTITY")
     r.flushall()
     wait_for(lambda: bridge_pid(db), timeout=30, what="the bridge to run")
     db.close()

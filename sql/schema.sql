@@ -35,7 +35,8 @@ CREATE TABLE queue.jobs (
     errors             jsonb NOT NULL DEFAULT '[]',
     -- Dispatch bookkeeping, written by the bridge only.
     dispatched_at      timestamptz, -- when the bridge last pushed the job to Redis
-    dispatch_seq       bigint       -- its position in the Redis list (that list's push counter)
+    dispatch_seq       bigint,      -- its position in the Redis list (that list's push counter)
+    popped_at          timestamptz  -- when the bridge saw it leave that list (no start yet)
 );
 
 -- Every index below is partial on the states it serves, so the bridge's work and the size of
@@ -50,6 +51,28 @@ CREATE UNIQUE INDEX jobs_dedupe_idx ON queue.jobs (queue_name, dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled');
 -- Jobs that sit in Redis, by list and position: what the rescue of popped-but-never-started jobs reads.
 CREATE INDEX jobs_migrated_idx ON queue.jobs (queue_name, priority, dispatch_seq) WHERE status = 'migrated';
+
+-- Running jobs by lease end: the bridge's rescue of expired leases.
+CREATE INDEX jobs_lease_idx ON queue.jobs (lease_expires_at) WHERE status = 'running';
+-- Completed jobs by age: pruning after queue.completed_retention.
+CREATE INDEX jobs_completed_idx ON queue.jobs (completed_at) WHERE status = 'completed';
+-- Dead jobs: queue.dead_letters and replay_dead_all.
+CREATE INDEX jobs_failed_idx ON queue.jobs (queue_name, failed_at) WHERE status = 'failed';
+
+-- Changes Redis must follow after commit (the job hash, the dead-letter list). SQL functions add a
+-- row in the caller's transaction; the bridge applies it to Redis, then deletes it. 'state': make
+-- the job hash (and dead-letter entry) match the job's row; 'replayed': remove the job's
+-- dead-letter entry and marker.
+CREATE TABLE queue.redis_outbox (
+    job_id bigint NOT NULL,
+    event  text NOT NULL CHECK (event IN ('state', 'replayed'))
+);
+
+-- Dead jobs: their durable record is the row in queue.jobs.
+CREATE VIEW queue.dead_letters AS
+    SELECT id, queue_name, payload, priority AS original_priority, attempt_count, max_attempts,
+           last_error_message AS error, errors, failed_at, created_at
+    FROM queue.jobs WHERE status = 'failed';
 
 -- Tables created by the extension are user data: keep them in pg_dump.
 SELECT pg_catalog.pg_extension_config_dump('queue.queues', '');

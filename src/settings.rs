@@ -236,3 +236,27 @@ pub fn batch_size() -> usize {
 pub fn redis_timeout() -> Duration {
     Duration::from_millis(REDIS_TIMEOUT_MS.get() as u64)
 }
+pub fn backoff_base_ms() -> i64 {
+    i64::from(BACKOFF_BASE_MS.get())
+}
+pub fn backoff_max_ms() -> i64 {
+    i64::from(BACKOFF_MAX_MS.get())
+}
+pub fn backoff_jitter() -> f64 {
+    BACKOFF_JITTER.get()
+}
+pub fn lease_ms() -> i64 {
+    i64::from(LEASE_MS.get())
+}
+pub fn start_timeout_ms() -> i64 {
+    i64::from(START_TIMEOUT_MS.get())
+}
+pub fn job_hash_ttl_s() -> i64 {
+    i64::from(JOB_HASH_TTL_S.get())
+}
+pub fn dead_letter_ttl_s() -> i64 {
+    i64::from(DEAD_LETTER_TTL_S.get())
+}
+pub fn completed_retention_s() -> i64 {
+    i64::from(COMPLETED_RETENTION_S.get())
+}

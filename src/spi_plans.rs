@@ -10,6 +10,7 @@ use std::collections::HashMap;
 pub mod types {
     use pgrx::pg_sys::{BuiltinOid, PgOid};
     pub const TEXT: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTOID);
+    pub const TEXT_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTARRAYOID);
     pub const JSONB: PgOid = PgOid::BuiltIn(BuiltinOid::JSONBOID);
     pub const INT4: PgOid = PgOid::BuiltIn(BuiltinOid::INT4OID);
     pub const INT8: PgOid = PgOid::BuiltIn(BuiltinOid::INT8OID);

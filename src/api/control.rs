@@ -1,6 +1,8 @@
-//! Queue controls: `queue.pause` and `queue.resume`. A paused queue keeps accepting jobs; the
-//! bridge dispatches none of them until it is resumed.
+//! Controls: `queue.pause` and `queue.resume` (a paused queue keeps accepting jobs; the bridge
+//! dispatches none of them until it is resumed) and `queue.cancel`.
 
+use super::errors::{null_argument, unknown_job};
+use super::jobs::id_was_issued;
 use super::validate;
 use crate::bridge::wake::wake_on_commit;
 use pgrx::prelude::*;
@@ -29,4 +31,43 @@ fn resume(queue_name: Option<&str>) {
     set_paused(queue_name, false);
     // The queue's waiting jobs can go now: wake the bridge when this commits.
     wake_on_commit();
+}
+
+const CANCEL: &str = "
+    WITH c AS (
+        UPDATE queue.jobs SET status = 'cancelled', updated_at = now(), lease_expires_at = NULL
+        WHERE id = $1 AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled')
+        RETURNING id)
+    INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'state' FROM c
+    RETURNING job_id";
+
+const EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM queue.jobs WHERE id = $1)";
+
+/// Any unfinished job → cancelled (true); a finished one: false. A worker holding it gets an
+/// ERROR at its next complete, fail or heartbeat; a message still in Redis is dropped by start.
+#[pg_extern(volatile)]
+fn cancel(job_id: Option<i64>) -> bool {
+    let id = job_id.unwrap_or_else(|| null_argument("job_id"));
+    let cancelled = Spi::connect_mut(|client| {
+        let n = client
+            .update(CANCEL, Some(1), &[id.into()])
+            .map(|t| t.len())
+            .unwrap_or(0);
+        if n == 0 {
+            let exists = client
+                .select(EXISTS, Some(1), &[id.into()])
+                .and_then(|t| t.first().get_one::<bool>())
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+            if !exists && !id_was_issued(client, id) {
+                unknown_job(id);
+            }
+        }
+        n > 0
+    });
+    if cancelled {
+        wake_on_commit();
+    }
+    cancelled
 }

@@ -21,3 +21,19 @@ pub fn null_argument(name: &str) -> ! {
 pub fn invalid_argument(message: impl Into<String>) -> ! {
     raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message)
 }
+
+/// P0002: no job has this id.
+pub fn unknown_job(id: i64) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
+        format!("queue_pg: job {id} does not exist"),
+    )
+}
+
+/// 55000: the call does not fit the job's state.
+pub fn wrong_state(message: impl Into<String>) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        message,
+    )
+}

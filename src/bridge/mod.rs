@@ -4,12 +4,16 @@
 //! - `redis_link`: the Redis connection, its reconnect backoff, and its state log lines.
 //! - `promote`: scheduled and retrying jobs become `queued` when due.
 //! - `dispatch`: queued jobs are read, pushed in one pipelined round trip, then marked `migrated`.
+//! - `sync`: Redis follows committed state changes (job hashes, the dead-letter list).
+//! - `rescue`: expired leases, popped-but-never-started jobs, a Redis that lost its data, pruning.
 //! - `shared`, `wake`: the shared-memory block and the commit-time wake-up used by backends.
 
 pub mod dispatch;
 pub mod promote;
 pub mod redis_link;
+pub mod rescue;
 pub mod shared;
+pub mod sync;
 pub mod wake;
 pub mod worker;
 

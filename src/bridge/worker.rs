@@ -11,11 +11,14 @@ use super::dispatch::{self, Job, Pushed};
 use super::promote;
 use super::redis_link::RedisLink;
 use super::shared;
+use super::{rescue, sync};
 use crate::redis::Keys;
 use crate::settings;
 use crate::spi_plans::with_plan;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant, SystemTime};
 
 #[pg_guard]
@@ -69,6 +72,8 @@ struct Bridge {
     redis: RedisLink,
     /// Whether the extension exists in the bridge's database, as last logged.
     extension_present: Option<bool>,
+    /// When the rescue and pruning pass last ran (once per poll interval).
+    last_maintenance: Instant,
 }
 
 /// What one transaction of the drain loop found.
@@ -76,7 +81,30 @@ struct Step {
     extension_present: bool,
     batch: Vec<Job>,
     next_due_in: Option<Duration>,
+    /// Pending Redis changes (read by the first step of a cycle).
+    changes: Vec<sync::Change>,
 }
+
+/// Runs `f` in a transaction of its own with an SPI connection.
+fn in_transaction<R>(f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
+    let f = AssertUnwindSafe(f);
+    BackgroundWorker::transaction(move || {
+        let f = f; // the whole wrapper, not just its field
+        Spi::connect_mut(|client| (f.0)(client))
+    })
+}
+
+fn extension_present(client: &mut SpiClient<'_>) -> bool {
+    with_plan(client, EXTENSION_PRESENT, &[], |client, plan| {
+        client.select(plan, Some(1), &[])?.first().get_one::<bool>()
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// At most this many outbox rows per Redis round trip.
+const SYNC_BATCH: usize = 1000;
 
 const EXTENSION_PRESENT: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'queue_pg')";
@@ -87,6 +115,7 @@ impl Bridge {
             keys: Keys::new(settings::redis_prefix()),
             redis: RedisLink::from_settings(),
             extension_present: None,
+            last_maintenance: Instant::now(),
         }
     }
 
@@ -102,7 +131,12 @@ impl Bridge {
     fn cycle(&mut self) -> Duration {
         let mut sleep = settings::poll_interval();
         let limit = settings::batch_size();
+        if self.last_maintenance.elapsed() >= settings::poll_interval() {
+            self.last_maintenance = Instant::now();
+            self.maintain();
+        }
         let mut redis_ok = self.redis.get().is_some();
+        let mut changes = Vec::new();
 
         let mut first = true;
         let mut to_mark = Pushed::default();
@@ -118,6 +152,7 @@ impl Bridge {
             });
             first = false;
             self.note_extension(step.extension_present);
+            changes.extend(step.changes);
             if let Some(due) = step.next_due_in {
                 sleep = sleep.min(due);
             }
@@ -148,11 +183,83 @@ impl Bridge {
                 break;
             }
         }
+        if redis_ok {
+            self.sync(changes);
+        }
         if let Some(retry) = self.redis.retry_in() {
             sleep = sleep.min(retry.max(Duration::from_millis(1)));
         }
         shared::record_cycle(unix_micros());
         sleep
+    }
+
+    /// Applies pending changes to Redis, then deletes them; more batches while the outbox is full.
+    fn sync(&mut self, mut changes: Vec<sync::Change>) {
+        while !changes.is_empty() {
+            let Some(con) = self.redis.get() else { return };
+            if let Err(e) = sync::apply(con, &self.keys, &changes) {
+                self.redis.failed(e);
+                return;
+            }
+            let more = changes.len() == SYNC_BATCH;
+            changes = in_transaction(|client| {
+                sync::delete_applied(client, &changes);
+                if more {
+                    sync::read_changes(client, SYNC_BATCH)
+                } else {
+                    Vec::new()
+                }
+            });
+        }
+    }
+
+    /// The once-per-poll-interval pass: expired leases, pruning, and the rescue of jobs Redis
+    /// lost or workers dropped.
+    fn maintain(&mut self) {
+        let done = in_transaction(|client| {
+            extension_present(client).then(|| {
+                (
+                    rescue::expire_leases(client),
+                    rescue::prune_completed(client),
+                )
+            })
+        });
+        let Some((expired, pruned)) = done else {
+            return;
+        };
+        if expired > 0 {
+            log!("queue_pg bridge: {expired} running jobs' leases expired; counted as failed attempts");
+        }
+        if pruned > 0 {
+            pgrx::debug1!("queue_pg bridge: pruned {pruned} completed jobs");
+        }
+
+        let Some(con) = self.redis.get() else { return };
+        match rescue::epoch_was_missing(con, &self.keys) {
+            Ok(false) => {}
+            Ok(true) => {
+                let n = in_transaction(rescue::requeue_all_migrated);
+                if n > 0 {
+                    warning!("queue_pg bridge: Redis lost its data; dispatching {n} jobs again");
+                }
+            }
+            Err(e) => return self.redis.failed(e),
+        }
+        let lists = in_transaction(|client| rescue::migrated_lists(client));
+        if lists.is_empty() {
+            return;
+        }
+        let Some(con) = self.redis.get() else { return };
+        match rescue::popped_counts(con, &self.keys, &lists) {
+            Ok(popped) => {
+                let n =
+                    in_transaction(|client| rescue::redispatch_unstarted(client, &lists, &popped));
+                if n > 0 {
+                    log!("queue_pg bridge: {n} jobs were popped but not started within queue.start_timeout; dispatching them again");
+                }
+            }
+            Err(e) => self.redis.failed(e),
+        }
     }
 
     /// Reads the reply of a sent batch and adds it to `to_mark`; false if Redis failed.
@@ -186,18 +293,17 @@ impl Bridge {
             extension_present: true,
             batch: Vec::new(),
             next_due_in: None,
+            changes: Vec::new(),
         };
         if first {
-            step.extension_present = with_plan(client, EXTENSION_PRESENT, &[], |client, plan| {
-                client.select(plan, Some(1), &[])?.first().get_one::<bool>()
-            })
-            .ok()
-            .flatten()
-            .unwrap_or(false);
+            step.extension_present = extension_present(client);
             if !step.extension_present {
                 return step;
             }
             promote::promote_due(client);
+            if read {
+                step.changes = sync::read_changes(client, SYNC_BATCH);
+            }
         }
         dispatch::mark_migrated(client, acknowledged);
         if read {

@@ -1,0 +1,109 @@
+//! A worker claims the job it popped (`queue.start`) and keeps its lease alive
+//! (`queue.heartbeat`).
+
+use super::errors::{invalid_argument, null_argument, unknown_job};
+use super::jobs::{explain_not_running, id_was_issued};
+use crate::bridge::wake::wake_on_commit;
+use crate::settings;
+use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
+use pgrx::prelude::*;
+
+// The lease: the call's, else the queue's, else queue.lease. A job Postgres still shows
+// `queued` (pushed, not yet marked) can be started too.
+const START: &str = "
+    WITH claimed AS (
+        UPDATE queue.jobs j
+        SET status = 'running', started_at = now(), updated_at = now(), popped_at = NULL,
+            lease_expires_at = now() + COALESCE($2,
+                (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
+                $3 * interval '1 millisecond')
+        WHERE j.id = $1 AND j.status IN ('queued', 'migrated')
+        RETURNING j.id, j.queue_name, j.payload, j.attempt_count + 1 AS attempt, j.max_attempts,
+                  j.lease_expires_at),
+    noted AS (INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'state' FROM claimed)
+    SELECT * FROM claimed";
+
+const HEARTBEAT: &str = "
+    UPDATE queue.jobs j
+    SET lease_expires_at = now() + COALESCE($2,
+            (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
+            $3 * interval '1 millisecond'),
+        updated_at = now()
+    WHERE j.id = $1 AND j.status = 'running' AND ($4::int IS NULL OR j.attempt_count + 1 = $4)
+    RETURNING j.lease_expires_at";
+
+fn check_lease(lease: Option<Interval>) {
+    if let Some(l) = lease {
+        if l.as_micros() <= 0 {
+            invalid_argument("queue_pg: lease must be a positive interval");
+        }
+    }
+}
+
+/// Claims a popped job. One row: the caller now holds it (`running`). No row: drop the message
+/// (cancelled, finished, held by another worker, or a stale duplicate).
+#[pg_extern(volatile, parallel_unsafe)]
+fn start(
+    job_id: Option<i64>,
+    lease: default!(Option<Interval>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, i64),
+        name!(queue_name, String),
+        name!(payload, JsonB),
+        name!(attempt, i32),
+        name!(max_attempts, i32),
+        name!(lease_expires_at, TimestampWithTimeZone),
+    ),
+> {
+    let id = job_id.unwrap_or_else(|| null_argument("job_id"));
+    check_lease(lease);
+    let args = [id.into(), lease.into(), settings::lease_ms().into()];
+    let row = Spi::connect_mut(|client| {
+        let rows = client.update(START, Some(1), &args)?;
+        let row = match rows.first().get_heap_tuple()? {
+            Some(r) => Some((
+                r.get::<i64>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<JsonB>(3)?.unwrap_or(JsonB(serde_json::Value::Null)),
+                r.get::<i32>(4)?.unwrap_or_default(),
+                r.get::<i32>(5)?.unwrap_or_default(),
+                r.get::<TimestampWithTimeZone>(6)?.expect("a lease end"),
+            )),
+            None if id_was_issued(client, id) => None,
+            None => unknown_job(id),
+        };
+        Ok::<_, pgrx::spi::SpiError>(row)
+    })
+    .unwrap_or_else(|e| pgrx::error!("queue_pg: start failed: {e}"));
+    if row.is_some() {
+        wake_on_commit();
+    }
+    TableIterator::new(row)
+}
+
+/// Extends the lease of a running job; returns its new end.
+#[pg_extern(volatile, parallel_unsafe)]
+fn heartbeat(
+    job_id: Option<i64>,
+    lease: default!(Option<Interval>, "NULL"),
+    attempt: default!(Option<i32>, "NULL"),
+) -> TimestampWithTimeZone {
+    let id = job_id.unwrap_or_else(|| null_argument("job_id"));
+    check_lease(lease);
+    let args = [
+        id.into(),
+        lease.into(),
+        settings::lease_ms().into(),
+        attempt.into(),
+    ];
+    Spi::connect_mut(|client| {
+        let until = client
+            .update(HEARTBEAT, Some(1), &args)
+            .and_then(|t| t.first().get_one::<TimestampWithTimeZone>())
+            .ok()
+            .flatten();
+        until.unwrap_or_else(|| explain_not_running(client, id, attempt, "heartbeat"))
+    })
+}

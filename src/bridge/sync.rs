@@ -1,0 +1,185 @@
+//! Redis follows Postgres after commit: the bridge applies `queue.redis_outbox` (written by the
+//! lifecycle functions in their transactions) to the job hashes and the dead-letter list, then
+//! deletes the rows it applied. Every command is idempotent, so a crash in between only means
+//! applying a change twice.
+
+use crate::redis::{iso_utc, iso_utc_from_pg, Keys};
+use crate::settings;
+use crate::spi_plans::types::{INT8, TEXT_ARRAY};
+use crate::spi_plans::with_plan;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::spi::SpiClient;
+use std::time::SystemTime;
+
+/// One outbox row with the job's current state (None when the job no longer exists).
+pub struct Change {
+    ctid: String,
+    job_id: i64,
+    replayed: bool,
+    job: Option<JobState>,
+}
+
+struct JobState {
+    status: String,
+    queue: String,
+    attempt_count: i32,
+    error: Option<String>,
+    failed_at: Option<String>,
+    retry_delay_ms: Option<i64>,
+    payload: String,
+    priority: String,
+}
+
+const READ_OUTBOX: &str = "
+    SELECT o.ctid::text, o.job_id, o.event, j.status, j.queue_name, j.attempt_count,
+           j.last_error_message, j.failed_at,
+           (EXTRACT(EPOCH FROM (j.run_at - j.updated_at)) * 1000)::bigint,
+           j.payload::text, j.priority
+    FROM queue.redis_outbox o LEFT JOIN queue.jobs j ON j.id = o.job_id
+    LIMIT $1";
+
+const DELETE_APPLIED: &str = "DELETE FROM queue.redis_outbox WHERE ctid = ANY($1::tid[])";
+
+/// Adds the dead-letter entry once: the marker doubles as the guard against a second LPUSH.
+const ADD_DEAD_LETTER: &str = "
+    if redis.call('SET', KEYS[1], 'moved', 'NX', 'EX', ARGV[1]) then
+        redis.call('LPUSH', KEYS[2], ARGV[2])
+        return 1
+    end
+    return 0";
+
+/// Removes the job's entries (they start with ARGV[1]) from the dead-letter list, and its marker.
+const REMOVE_DEAD_LETTER: &str = "
+    local removed = 0
+    for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+        if string.sub(item, 1, #ARGV[1]) == ARGV[1] then
+            removed = removed + redis.call('LREM', KEYS[1], 0, item)
+        end
+    end
+    redis.call('DEL', KEYS[2])
+    return removed";
+
+/// Reads up to `limit` pending changes. Runs inside the caller's transaction.
+pub fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
+    with_plan(client, READ_OUTBOX, &[INT8], |client, plan| {
+        let rows = client.select(plan, None, &[(limit as i64).into()])?;
+        Ok::<_, pgrx::spi::SpiError>(
+            rows.map(|row| {
+                let status: Option<String> = row.get(4).ok().flatten();
+                Change {
+                    ctid: row.get(1).ok().flatten().unwrap_or_default(),
+                    job_id: row.get(2).ok().flatten().unwrap_or_default(),
+                    replayed: row.get::<String>(3).ok().flatten().as_deref() == Some("replayed"),
+                    job: status.map(|status| JobState {
+                        queue: row.get(5).ok().flatten().unwrap_or_default(),
+                        attempt_count: row.get(6).ok().flatten().unwrap_or_default(),
+                        error: row.get(7).ok().flatten(),
+                        failed_at: row
+                            .get::<TimestampWithTimeZone>(8)
+                            .ok()
+                            .flatten()
+                            .map(|t| iso_utc_from_pg(t.into_inner())),
+                        retry_delay_ms: (status == "retry_scheduled")
+                            .then(|| row.get::<i64>(9).ok().flatten())
+                            .flatten(),
+                        payload: row.get(10).ok().flatten().unwrap_or_else(|| "null".into()),
+                        priority: row.get(11).ok().flatten().unwrap_or_default(),
+                        status,
+                    }),
+                }
+            })
+            .collect(),
+        )
+    })
+    .unwrap_or_else(|e| panic!("queue_pg bridge: reading the Redis outbox failed: {e}"))
+}
+
+/// Deletes the applied rows. Runs inside the caller's transaction.
+pub fn delete_applied(client: &mut SpiClient<'_>, changes: &[Change]) {
+    if changes.is_empty() {
+        return;
+    }
+    let ctids: Vec<String> = changes.iter().map(|c| c.ctid.clone()).collect();
+    with_plan(client, DELETE_APPLIED, &[TEXT_ARRAY], |client, plan| {
+        client.update(plan, None, &[ctids.into()]).map(|_| ())
+    })
+    .unwrap_or_else(|e| panic!("queue_pg bridge: deleting applied outbox rows failed: {e}"));
+}
+
+/// The dead-letter entry of a job (SPEC.md). It starts with `{"id":<id>,`, which is how
+/// [`REMOVE_DEAD_LETTER`] finds it again.
+fn dead_letter_entry(id: i64, job: &JobState) -> String {
+    format!(
+        r#"{{"id":{id},"queue_name":{},"payload":{},"error":{},"failed_at":{},"attempt_count":{},"original_priority":{}}}"#,
+        json(&job.queue),
+        job.payload,
+        json(job.error.as_deref().unwrap_or("")),
+        json(job.failed_at.as_deref().unwrap_or("")),
+        job.attempt_count,
+        json(&job.priority),
+    )
+}
+
+fn dead_letter_prefix(id: i64) -> String {
+    format!(r#"{{"id":{id},"#)
+}
+
+fn json(s: &str) -> String {
+    serde_json::to_string(s).expect("a string always serializes")
+}
+
+/// Applies the changes to Redis in one pipelined round trip: removals of replayed jobs'
+/// dead-letter entries first, then each job's hash (once per job) and, for dead jobs, their entry.
+pub fn apply(con: &mut redis::Connection, keys: &Keys, changes: &[Change]) -> Result<(), String> {
+    let now = iso_utc(SystemTime::now());
+    let hash_ttl = settings::job_hash_ttl_s();
+    let dead_ttl = settings::dead_letter_ttl_s();
+    let mut pipe = redis::pipe();
+    for c in changes.iter().filter(|c| c.replayed) {
+        pipe.cmd("EVAL")
+            .arg(REMOVE_DEAD_LETTER)
+            .arg(2)
+            .arg(keys.dead_letter_list())
+            .arg(keys.dead_letter_marker(c.job_id))
+            .arg(dead_letter_prefix(c.job_id))
+            .ignore();
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in changes {
+        let Some(job) = c.job.as_ref().filter(|_| seen.insert(c.job_id)) else {
+            continue;
+        };
+        let key = keys.job(c.job_id);
+        let hset = pipe.cmd("HSET").arg(&key);
+        hset.arg("status").arg(&job.status);
+        hset.arg("queue").arg(&job.queue);
+        hset.arg("attempt_count").arg(job.attempt_count);
+        hset.arg("updated_at").arg(&now);
+        if let Some(error) = &job.error {
+            hset.arg("error").arg(error);
+        }
+        if let Some(delay) = job.retry_delay_ms {
+            hset.arg("retry_delay").arg(delay);
+        }
+        if let Some(failed_at) = &job.failed_at {
+            hset.arg("failed_at").arg(failed_at);
+        }
+        hset.ignore();
+        if matches!(job.status.as_str(), "completed" | "failed" | "cancelled") {
+            pipe.cmd("EXPIRE").arg(&key).arg(hash_ttl).ignore();
+        } else {
+            pipe.cmd("PERSIST").arg(&key).ignore();
+        }
+        if job.status == "failed" {
+            pipe.cmd("EVAL")
+                .arg(ADD_DEAD_LETTER)
+                .arg(2)
+                .arg(keys.dead_letter_marker(c.job_id))
+                .arg(keys.dead_letter_list())
+                .arg(dead_ttl)
+                .arg(dead_letter_entry(c.job_id, job))
+                .ignore();
+        }
+    }
+    pipe.query::<()>(con).map_err(|e| e.to_string())
+}
