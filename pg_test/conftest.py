@@ -96,6 +96,21 @@ def after_crash_restart(old_conn):
     return reconnect_after_restart()
 
 
+def spawn_worker(mode, queue, out_file=None, **env):
+    """Starts pg_test/worker_proc.py as a real process against the test stack."""
+    import sys
+    args = [sys.executable, str(Path(__file__).parent / "worker_proc.py"), mode, queue]
+    if out_file:
+        args.append(str(out_file))
+    return subprocess.Popen(args, env=dict(ENV, **env), stdout=subprocess.PIPE, text=True)
+
+
+def pop(r, queue, timeout=10):
+    """A worker's BRPOP over the queue's three lists: the message, or None."""
+    got = r.brpop([list_key(queue, p) for p in ("high", "normal", "low")], timeout=timeout)
+    return json.loads(got[1]) if got else None
+
+
 def set_config(db, **settings):
     """ALTER SYSTEM + reload, for settings the bridge reads (reset after each test)."""
     for name, value in settings.items():
@@ -141,6 +156,9 @@ def clean_state(request, stack_up):
     db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox RESTART IDENTITY")
     r.flushall()
     wait_for(lambda: bridge_pid(db), timeout=30, what="the bridge to run")
+    # The bridge notices the flush (its epoch key is gone) on its next tick; let it settle first,
+    # so that a test's own jobs are not taken for jobs Redis lost.
+    wait_for(lambda: r.exists(f"{PREFIX}:bridge:epoch"), timeout=10, what="the bridge's epoch key")
     db.close()
     r.close()
     yield
