@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks, each against a baseline doing the same work in the same run; prints ratios.
 #
-#   bench/run.sh                 # all: enqueue vs bare INSERT, commit-to-Redis latency, drain
+#   bench/run.sh                 # all: enqueue vs bare INSERT, commit-to-Redis latency, drain,
+#                                # and the full job lifecycle against graphile-worker (Node.js)
 #   bench/run.sh --seconds 5     # shorter pgbench runs
+#   bench/run.sh --only drain    # one of: enqueue, latency, drain (skips the lifecycle part)
 #
 # Uses its own throwaway cluster and Redis (ports 55462 / 56409), stopped at the end.
 set -euo pipefail
@@ -18,3 +20,10 @@ fi
 scripts/stack.sh up
 trap 'scripts/stack.sh down' EXIT
 .venv/bin/python bench/bench.py "$@"
+case " $* " in
+    *" --only "*) ;;
+    *)
+        (cd bench/lifecycle && npm ci --no-audit --no-fund --loglevel=error >/dev/null &&
+            node bench.js 2>&1 | grep -v "error handlers")
+        ;;
+esac

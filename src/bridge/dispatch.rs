@@ -40,12 +40,18 @@ const READ_BATCH: &str = r#"
     LIMIT $1"#;
 
 // Only jobs still `queued`: one that a worker already started (it may pop a job before this
-// mark) or that was cancelled meanwhile keeps the state its own transaction gave it.
+// mark) or that was cancelled meanwhile keeps the state its own transaction gave it. SKIP LOCKED:
+// the bridge never waits for a worker's transaction, so it can never be part of a deadlock with
+// one (a skipped job that stays `queued` is pushed again; `start` drops the duplicate).
 const MARK_MIGRATED: &str = "
     UPDATE queue.jobs j
     SET status = 'migrated', dispatched_at = now(), dispatch_seq = b.seq, updated_at = now()
-    FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
-    WHERE j.id = b.id AND j.status = 'queued'";
+    FROM (SELECT x.id, b.seq
+          FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
+          JOIN queue.jobs x ON x.id = b.id
+          WHERE x.status = 'queued'
+          FOR UPDATE OF x SKIP LOCKED) b
+    WHERE j.id = b.id";
 
 /// Marks what Redis acknowledged as `migrated`. Runs inside the caller's transaction.
 pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {

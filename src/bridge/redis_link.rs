@@ -1,7 +1,7 @@
 //! The bridge's Redis connection: connects lazily, retries with a capped exponential backoff
 //! while Redis is unreachable, and logs once per change of state (never once per attempt).
 
-use crate::redis::{connect, redact};
+use crate::redis::{connect, redact, without_signals};
 use crate::settings;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -54,7 +54,7 @@ impl RedisLink {
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            match connect(&self.url, settings::redis_timeout()) {
+            match without_signals(|| connect(&self.url, settings::redis_timeout())) {
                 Ok(con) => {
                     if self.reachable != Some(true) {
                         let again = if self.reachable.is_some() {
@@ -79,6 +79,22 @@ impl RedisLink {
             }
         }
         self.con.as_mut()
+    }
+
+    /// Runs `f` on the connection (opening it if needed) with signals held back; on an error,
+    /// drops the connection and backs off. None if Redis is down or `f` failed.
+    pub fn run<R>(
+        &mut self,
+        f: impl FnOnce(&mut redis::Connection) -> Result<R, String>,
+    ) -> Option<R> {
+        let con = self.get()?;
+        match without_signals(|| f(con)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.failed(e);
+                None
+            }
+        }
     }
 
     /// A command failed: drop the connection and back off. Jobs stay in Postgres meanwhile.

@@ -12,9 +12,12 @@ use crate::settings;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
+// Every statement that changes jobs workers may be changing too skips locked rows: the bridge
+// never waits for a worker's transaction (and so is never part of a deadlock); a skipped job is
+// handled on a later tick.
 const REQUEUE_ALL_MIGRATED: &str = "
     UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, popped_at = NULL, updated_at = now()
-    WHERE status = 'migrated'";
+    WHERE id IN (SELECT id FROM queue.jobs WHERE status = 'migrated' FOR UPDATE SKIP LOCKED)";
 
 const MIGRATED_LISTS: &str = "
     SELECT DISTINCT queue_name, priority FROM queue.jobs WHERE status = 'migrated'";
@@ -22,14 +25,18 @@ const MIGRATED_LISTS: &str = "
 // Jobs at or below position $3 of their list have left it: note when that was first seen.
 const NOTE_POPPED: &str = "
     UPDATE queue.jobs SET popped_at = now()
-    WHERE status = 'migrated' AND queue_name = $1 AND priority = $2 AND dispatch_seq <= $3
-      AND popped_at IS NULL";
+    WHERE id IN (SELECT id FROM queue.jobs
+                 WHERE status = 'migrated' AND queue_name = $1 AND priority = $2
+                   AND dispatch_seq <= $3 AND popped_at IS NULL
+                 FOR UPDATE SKIP LOCKED)";
 
 // Popped longer than start_timeout ago and still not started: dispatch again (not an attempt).
 const REDISPATCH_UNSTARTED: &str = "
     UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, popped_at = NULL, updated_at = now()
-    WHERE status = 'migrated' AND queue_name = $1 AND priority = $2 AND dispatch_seq <= $3
-      AND popped_at < now() - $4 * interval '1 millisecond'";
+    WHERE id IN (SELECT id FROM queue.jobs
+                 WHERE status = 'migrated' AND queue_name = $1 AND priority = $2
+                   AND dispatch_seq <= $3 AND popped_at < now() - $4 * interval '1 millisecond'
+                 FOR UPDATE SKIP LOCKED)";
 
 const EXPIRED_LEASES: &str = "
     SELECT id FROM queue.jobs

@@ -30,13 +30,16 @@ struct JobState {
     priority: String,
 }
 
+// LATERAL: one primary-key lookup per outbox row (a plain join may hash all of queue.jobs).
 const READ_OUTBOX: &str = "
     SELECT o.ctid::text, o.job_id, o.event, j.status, j.queue_name, j.attempt_count,
-           j.last_error_message, j.failed_at,
-           (EXTRACT(EPOCH FROM (j.run_at - j.updated_at)) * 1000)::bigint,
-           j.payload::text, j.priority
-    FROM queue.redis_outbox o LEFT JOIN queue.jobs j ON j.id = o.job_id
-    LIMIT $1";
+           j.last_error_message, j.failed_at, j.retry_delay_ms, j.payload, j.priority
+    FROM (SELECT ctid, job_id, event FROM queue.redis_outbox LIMIT $1) o
+    LEFT JOIN LATERAL (
+        SELECT status, queue_name, attempt_count, last_error_message, failed_at,
+               (EXTRACT(EPOCH FROM (run_at - updated_at)) * 1000)::bigint AS retry_delay_ms,
+               payload::text AS payload, priority
+        FROM queue.jobs WHERE id = o.job_id) j ON true";
 
 const DELETE_APPLIED: &str = "DELETE FROM queue.redis_outbox WHERE ctid = ANY($1::tid[])";
 

@@ -162,18 +162,11 @@ impl Bridge {
             read_more = step.batch.len() == limit;
             if let Some(last) = step.batch.last() {
                 after_id = last.id;
-                match self
-                    .redis
-                    .get()
-                    .map(|con| dispatch::send(con, &self.keys, &step.batch))
-                {
-                    Some(Ok(batch)) if read_more => in_flight = Some(batch),
+                let keys = &self.keys;
+                match self.redis.run(|con| dispatch::send(con, keys, &step.batch)) {
+                    Some(batch) if read_more => in_flight = Some(batch),
                     // Nothing to overlap with: take the reply now, mark it in the next step.
-                    Some(Ok(batch)) => redis_ok &= self.collect(batch, &mut to_mark),
-                    Some(Err(e)) => {
-                        self.redis.failed(e);
-                        redis_ok = false;
-                    }
+                    Some(batch) => redis_ok &= self.collect(batch, &mut to_mark),
                     None => redis_ok = false,
                 }
             }
@@ -196,9 +189,12 @@ impl Bridge {
     /// Applies pending changes to Redis, then deletes them; more batches while the outbox is full.
     fn sync(&mut self, mut changes: Vec<sync::Change>) {
         while !changes.is_empty() {
-            let Some(con) = self.redis.get() else { return };
-            if let Err(e) = sync::apply(con, &self.keys, &changes) {
-                self.redis.failed(e);
+            let keys = &self.keys;
+            if self
+                .redis
+                .run(|con| sync::apply(con, keys, &changes))
+                .is_none()
+            {
                 return;
             }
             let more = changes.len() == SYNC_BATCH;
@@ -234,16 +230,16 @@ impl Bridge {
             pgrx::debug1!("queue_pg bridge: pruned {pruned} completed jobs");
         }
 
-        let Some(con) = self.redis.get() else { return };
-        match rescue::epoch_was_missing(con, &self.keys) {
-            Ok(false) => {}
-            Ok(true) => {
+        let keys = &self.keys;
+        match self.redis.run(|con| rescue::epoch_was_missing(con, keys)) {
+            None => return,
+            Some(false) => {}
+            Some(true) => {
                 let n = in_transaction(rescue::requeue_all_migrated);
                 if n > 0 {
                     warning!("queue_pg bridge: Redis lost its data; dispatching {n} jobs again");
                 }
             }
-            Err(e) => return self.redis.failed(e),
         }
         let lists = in_transaction(|client| rescue::migrated_lists(client));
         if lists.is_empty() {
@@ -264,19 +260,13 @@ impl Bridge {
 
     /// Reads the reply of a sent batch and adds it to `to_mark`; false if Redis failed.
     fn collect(&mut self, batch: dispatch::InFlight, to_mark: &mut Pushed) -> bool {
-        match self.redis.get().map(|con| dispatch::receive(con, batch)) {
-            Some(Ok(pushed)) => {
-                shared::add_dispatched(pushed.ids.len() as u64);
-                to_mark.ids.extend(pushed.ids);
-                to_mark.seqs.extend(pushed.seqs);
-                true
-            }
-            Some(Err(e)) => {
-                self.redis.failed(e);
-                false
-            }
-            None => false,
-        }
+        let Some(pushed) = self.redis.run(|con| dispatch::receive(con, batch)) else {
+            return false;
+        };
+        shared::add_dispatched(pushed.ids.len() as u64);
+        to_mark.ids.extend(pushed.ids);
+        to_mark.seqs.extend(pushed.seqs);
+        true
     }
 
     /// One transaction of the drain loop: mark what Redis acknowledged, then read the next batch.

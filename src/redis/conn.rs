@@ -51,3 +51,19 @@ fn password_of(url: &str) -> Option<&str> {
     }
     url[scheme_end + 3..at].split_once(':').map(|(_, p)| p)
 }
+
+/// Runs `f` with every signal blocked, then delivers what arrived meanwhile. Redis sockets have
+/// read and write timeouts (SO_RCVTIMEO), and a signal during such a call fails it with EINTR
+/// instead of restarting it, leaving a half-read reply: Postgres sends its backends signals at
+/// any time (sinval catch-up, latches, reloads). `f` is bounded by `queue.redis_timeout`.
+pub fn without_signals<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
+    }
+}

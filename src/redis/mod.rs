@@ -4,7 +4,7 @@
 pub mod conn;
 pub mod keys;
 
-pub use conn::{connect, redact};
+pub use conn::{connect, redact, without_signals};
 pub use keys::Keys;
 
 /// `2026-11-30T12:00:00.000Z`: the UTC timestamp format of every time queue_pg writes to Redis.
