@@ -252,3 +252,37 @@ def test_calls_that_do_not_fit_the_state_are_errors_and_change_nothing(db, r, sq
     assert "queue_pg" in str(raised.value)
     after = db.execute(snapshot).fetchone()[0], db.execute("SELECT count(*) FROM queue.redis_outbox").fetchone()[0]
     assert after == before
+
+
+def test_per_queue_lease_and_backoff_settings(db, r):
+    db.execute("INSERT INTO queue.queues (queue_name, lease, backoff_base, backoff_max) "
+               "VALUES ('tuned', '2 seconds', '100 ms', '300 ms')")
+    ids = [x[0] for x in db.execute("SELECT * FROM queue.enqueue_many('tuned', '[1, 2]', 'normal', 5)").fetchall()]
+    for job_id in ids:
+        pop(r, "tuned")
+    got = start(db, ids[0])
+    lease_s = db.execute("SELECT extract(epoch FROM %s - now())", (got[5],)).fetchone()[0]
+    assert 1.5 < float(lease_s) <= 2.0
+    delays = []
+    for attempt in (1, 2, 3):
+        if attempt > 1:
+            wait_for(lambda: row(db, ids[0], "status")[0] == "migrated", what="the retry dispatched")
+        start(db, ids[0])
+        delays.append(db.execute("SELECT queue.fail(%s, 'x')", (ids[0],)).fetchone()[0]["retry_delay_ms"])
+    assert delays == [200, 300, 300]  # 100 ms * 2^n, capped at 300 ms
+    # The call's lease wins over the queue's.
+    lease_end = start(db, ids[1], "1 hour")[5]
+    assert float(db.execute("SELECT extract(epoch FROM %s - now())", (lease_end,)).fetchone()[0]) > 3000
+
+
+def test_jitter_spreads_the_delay_within_its_fraction(db, r):
+    db.execute("SET queue.backoff_jitter = 0.5")
+    ids = [x[0] for x in db.execute(
+        "SELECT * FROM queue.enqueue_many('jit', (SELECT jsonb_agg(g) FROM generate_series(1, 20) g))").fetchall()]
+    wait_for(lambda: r.llen(list_key("jit")) == 20)
+    delays = []
+    for job_id in ids:
+        start(db, job_id)
+        delays.append(db.execute("SELECT queue.fail(%s, 'x')", (job_id,)).fetchone()[0]["retry_delay_ms"])
+    assert all(1000 <= d <= 3000 for d in delays), delays  # 2000 ms +/- 50 %
+    assert len(set(delays)) > 5, delays

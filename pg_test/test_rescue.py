@@ -54,7 +54,10 @@ def test_a_backlog_nobody_pops_is_never_dispatched_twice(db, r):
              timeout=30)
     time.sleep(3.5)  # start_timeout and a few bridge ticks
     assert r.llen(list_key("backlog")) == 5000
-    assert db.execute("SELECT count(*) FROM queue.jobs WHERE popped_at IS NOT NULL OR status <> 'migrated'").fetchone()[0] == 0
+    dispatched = db.execute("SELECT count(*), count(DISTINCT dispatched_at) FROM queue.jobs WHERE status = 'migrated'").fetchone()
+    assert dispatched[0] == 5000
+    assert db.execute("SELECT count(*) FROM queue.jobs WHERE dispatched_at > now() - interval '3 seconds'").fetchone()[0] == 0, \
+        "a job was pushed again"
 
 
 def test_flushall_with_1000_migrated_jobs_each_completes_exactly_once(db, r):

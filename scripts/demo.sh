@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh), starts a throwaway PostgreSQL 15 with queue_pg preloaded
 # and a local redis-server (scripts/stack.sh), and walks through the life of some jobs:
-# enqueue from SQL, watch the bridge move them into Redis, pop one like a worker would.
+# enqueue from SQL, watch the bridge move them into Redis, pop, start, complete and fail them
+# like a worker would, see the backoff and the dead-letter queue, replay a dead job.
 # Stops what it started at the end; QPG_KEEP=1 leaves both running for you to explore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,29 @@ sql -c "SELECT id, status FROM queue.jobs WHERE queue_name = 'thumbnails' ORDER 
 sql -c "SELECT queue.resume('thumbnails');" >/dev/null
 sleep 0.3
 echo "after resume: $(rcli llen 'queue_pg:{thumbnails}:normal') jobs in queue_pg:{thumbnails}:normal"
+
+step "A worker starts the popped job and completes it"
+sql -c "SELECT id, queue_name, attempt, lease_expires_at > now() AS leased FROM queue.start(2);" \
+    -c "SELECT queue.complete(2, '{\"sent\": true}', 1);" -c "SELECT id, status, result FROM queue.jobs WHERE id = 2;"
+
+step "Another job fails: retried after the backoff (2 s for the first retry)"
+job=$(rcli rpop 'queue_pg:{emails}:normal' | sed 's/^{"id":\([0-9]*\),.*/\1/')
+sql -c "SELECT * FROM queue.start($job);" >/dev/null
+sql -c "SELECT queue.fail($job, 'SMTP timeout', 1);"
+sql -c "SELECT id, status, attempt_count, round(extract(epoch FROM run_at - now())) AS retry_in_s, last_error_message FROM queue.jobs WHERE id = $job;"
+
+step "A job with max_attempts 1 fails for good: the dead-letter queue"
+dead=$(sql -Atc "SELECT queue.enqueue('reports', '{\"month\": \"broken\"}', max_attempts => 1);")
+sleep 0.3
+rcli rpop 'queue_pg:{reports}:normal' >/dev/null
+sql -c "SELECT * FROM queue.start($dead);" >/dev/null
+sql -c "SELECT queue.fail($dead, 'template missing');"
+sleep 0.3
+sql -c "SELECT id, queue_name, error, attempt_count FROM queue.dead_letters;"
+echo "LRANGE queue_pg:deadletter:queue:"; rcli lrange 'queue_pg:deadletter:queue' 0 -1 | sed 's/^/    /'
+sql -c "SELECT queue.replay_dead($dead);"
+sleep 0.3
+echo "after replay: dead letters $(rcli llen 'queue_pg:deadletter:queue'), job $dead is $(sql -Atc "SELECT status FROM queue.jobs WHERE id = $dead")"
 
 if [ -n "${QPG_KEEP:-}" ]; then
     echo; echo "Still running. psql: scripts/stack.sh psql   stop: QPG_HOME=$QPG_HOME scripts/stack.sh down"

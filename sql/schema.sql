@@ -35,8 +35,7 @@ CREATE TABLE queue.jobs (
     errors             jsonb NOT NULL DEFAULT '[]',
     -- Dispatch bookkeeping, written by the bridge only.
     dispatched_at      timestamptz, -- when the bridge last pushed the job to Redis
-    dispatch_seq       bigint,      -- its position in the Redis list (that list's push counter)
-    popped_at          timestamptz  -- when the bridge saw it leave that list (no start yet)
+    dispatch_seq       bigint       -- its position in the Redis list (that list's push counter)
 );
 
 -- Every index below is partial on the states it serves, so the bridge's work and the size of

@@ -21,7 +21,7 @@ const REPLAY: &str = "
         UPDATE queue.jobs j
         SET status = 'queued', attempt_count = 0, last_error_message = NULL, failed_at = NULL,
             run_at = now(), started_at = NULL, lease_expires_at = NULL, dispatch_seq = NULL,
-            popped_at = NULL, updated_at = now()
+            updated_at = now()
         FROM picked WHERE j.id = picked.id
         RETURNING j.id)
     INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'replayed' FROM replayed

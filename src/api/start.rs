@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 const START: &str = "
     WITH claimed AS (
         UPDATE queue.jobs j
-        SET status = 'running', started_at = now(), updated_at = now(), popped_at = NULL,
+        SET status = 'running', started_at = now(), updated_at = now(),
             lease_expires_at = now() + COALESCE($2,
                 (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
                 $3 * interval '1 millisecond')

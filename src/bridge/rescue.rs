@@ -2,7 +2,10 @@
 //! - notices that Redis lost its data (its epoch key is gone) and dispatches again every job
 //!   that was in Redis and not started;
 //! - notices which jobs workers popped but never started (per list, `pushed - LLEN` messages
-//!   have left it, since lists are FIFO) and dispatches them again after `queue.start_timeout`;
+//!   have left it, since lists are FIFO) and dispatches them again after `queue.start_timeout`.
+//!   The bridge remembers, per list, how far it had been popped at each tick ([`PopHistory`]):
+//!   a job at or below the position popped `start_timeout` ago and still `migrated` was popped
+//!   at least that long ago and never started. No per-job bookkeeping is written;
 //! - fails running jobs whose lease expired ("lease expired"), by the backoff rule;
 //! - prunes completed jobs older than `queue.completed_retention`, in bounded batches.
 
@@ -11,31 +14,37 @@ use crate::redis::Keys;
 use crate::settings;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 // Every statement that changes jobs workers may be changing too skips locked rows: the bridge
 // never waits for a worker's transaction (and so is never part of a deadlock); a skipped job is
 // handled on a later tick.
 const REQUEUE_ALL_MIGRATED: &str = "
-    UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, popped_at = NULL, updated_at = now()
+    UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, updated_at = now()
     WHERE id IN (SELECT id FROM queue.jobs WHERE status = 'migrated' FOR UPDATE SKIP LOCKED)";
 
+// The (queue, priority) lists that hold migrated jobs: a loose index scan, one probe per list,
+// however many jobs wait in them.
 const MIGRATED_LISTS: &str = "
-    SELECT DISTINCT queue_name, priority FROM queue.jobs WHERE status = 'migrated'";
+    WITH RECURSIVE lists AS (
+        (SELECT queue_name, priority FROM queue.jobs WHERE status = 'migrated'
+         ORDER BY queue_name, priority LIMIT 1)
+        UNION ALL
+        SELECT n.queue_name, n.priority
+        FROM lists l, LATERAL (
+            SELECT queue_name, priority FROM queue.jobs
+            WHERE status = 'migrated' AND (queue_name, priority) > (l.queue_name, l.priority)
+            ORDER BY queue_name, priority LIMIT 1) n)
+    SELECT queue_name, priority FROM lists";
 
-// Jobs at or below position $3 of their list have left it: note when that was first seen.
-const NOTE_POPPED: &str = "
-    UPDATE queue.jobs SET popped_at = now()
-    WHERE id IN (SELECT id FROM queue.jobs
-                 WHERE status = 'migrated' AND queue_name = $1 AND priority = $2
-                   AND dispatch_seq <= $3 AND popped_at IS NULL
-                 FOR UPDATE SKIP LOCKED)";
-
-// Popped longer than start_timeout ago and still not started: dispatch again (not an attempt).
+// Left their list (positions up to $3) at least start_timeout ago and still not started:
+// dispatch again (not an attempt).
 const REDISPATCH_UNSTARTED: &str = "
-    UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, popped_at = NULL, updated_at = now()
+    UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, updated_at = now()
     WHERE id IN (SELECT id FROM queue.jobs
                  WHERE status = 'migrated' AND queue_name = $1 AND priority = $2
-                   AND dispatch_seq <= $3 AND popped_at < now() - $4 * interval '1 millisecond'
+                   AND dispatch_seq <= $3
                  FOR UPDATE SKIP LOCKED)";
 
 const EXPIRED_LEASES: &str = "
@@ -105,29 +114,56 @@ pub fn popped_counts(
         .collect())
 }
 
-/// Notes newly popped jobs and dispatches again those popped longer than start_timeout ago.
-/// Returns how many were dispatched again.
+/// Per list, how far it had been popped (`pushed - LLEN`) at each tick, for `start_timeout`.
+#[derive(Default)]
+pub struct PopHistory {
+    lists: HashMap<(String, String), VecDeque<(Instant, i64)>>,
+}
+
+impl PopHistory {
+    /// Records this tick's observation and returns, per list, the position popped at least
+    /// `timeout` ago (0 when there is no observation that old yet).
+    pub fn observe(
+        &mut self,
+        lists: &[(String, String)],
+        popped: &[i64],
+        timeout: Duration,
+    ) -> Vec<i64> {
+        let now = Instant::now();
+        let mut due = Vec::with_capacity(lists.len());
+        for (list, &upto) in lists.iter().zip(popped) {
+            let seen = self.lists.entry(list.clone()).or_default();
+            // A counter that went back (Redis lost its data) starts a new history.
+            if seen.back().is_some_and(|&(_, last)| upto < last) {
+                seen.clear();
+            }
+            seen.push_back((now, upto));
+            // Keep the newest observation that is at least `timeout` old, and everything newer.
+            while seen.len() > 1 && now.duration_since(seen[1].0) >= timeout {
+                seen.pop_front();
+            }
+            due.push(match seen.front() {
+                Some(&(at, upto)) if now.duration_since(at) >= timeout => upto,
+                _ => 0,
+            });
+        }
+        due
+    }
+}
+
+/// Dispatches again the jobs at or below `due` of each list that are still `migrated`.
+/// Returns how many.
 pub fn redispatch_unstarted(
     client: &mut SpiClient<'_>,
     lists: &[(String, String)],
-    popped: &[i64],
+    due: &[i64],
 ) -> usize {
-    let timeout_ms = settings::start_timeout_ms();
     let mut again = 0;
-    for ((queue, priority), &upto) in lists.iter().zip(popped) {
+    for ((queue, priority), &upto) in lists.iter().zip(due) {
         if upto <= 0 {
             continue;
         }
-        let list = [queue.as_str().into(), priority.as_str().into(), upto.into()];
-        client
-            .update(NOTE_POPPED, None, &list)
-            .unwrap_or_else(|e| panic!("queue_pg bridge: noting popped jobs failed: {e}"));
-        let args = [
-            queue.as_str().into(),
-            priority.as_str().into(),
-            upto.into(),
-            timeout_ms.into(),
-        ];
+        let args = [queue.as_str().into(), priority.as_str().into(), upto.into()];
         again += client
             .update(REDISPATCH_UNSTARTED, None, &args)
             .map(|t| t.len())

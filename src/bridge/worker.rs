@@ -74,6 +74,8 @@ struct Bridge {
     extension_present: Option<bool>,
     /// When the rescue and pruning pass last ran (once per poll interval).
     last_maintenance: Instant,
+    /// How far each list had been popped, tick by tick (for `queue.start_timeout`).
+    pops: rescue::PopHistory,
 }
 
 /// What one transaction of the drain loop found.
@@ -116,6 +118,7 @@ impl Bridge {
             redis: RedisLink::from_settings(),
             extension_present: None,
             last_maintenance: Instant::now(),
+            pops: rescue::PopHistory::default(),
         }
     }
 
@@ -245,16 +248,18 @@ impl Bridge {
         if lists.is_empty() {
             return;
         }
-        let Some(con) = self.redis.get() else { return };
-        match rescue::popped_counts(con, &self.keys, &lists) {
-            Ok(popped) => {
-                let n =
-                    in_transaction(|client| rescue::redispatch_unstarted(client, &lists, &popped));
-                if n > 0 {
-                    log!("queue_pg bridge: {n} jobs were popped but not started within queue.start_timeout; dispatching them again");
-                }
-            }
-            Err(e) => self.redis.failed(e),
+        let keys = &self.keys;
+        let Some(popped) = self
+            .redis
+            .run(|con| rescue::popped_counts(con, keys, &lists))
+        else {
+            return;
+        };
+        let timeout = Duration::from_millis(settings::start_timeout_ms() as u64);
+        let due = self.pops.observe(&lists, &popped, timeout);
+        let n = in_transaction(|client| rescue::redispatch_unstarted(client, &lists, &due));
+        if n > 0 {
+            log!("queue_pg bridge: {n} jobs were popped but not started within queue.start_timeout; dispatching them again");
         }
     }
 
