@@ -140,6 +140,7 @@ impl Bridge {
         }
         let mut redis_ok = self.redis.get().is_some();
         let mut changes = Vec::new();
+        let mut changes_applied = false;
 
         let mut first = true;
         let mut to_mark = Pushed::default();
@@ -150,12 +151,21 @@ impl Bridge {
         loop {
             let read = redis_ok && read_more && !shutdown_requested();
             let marking = std::mem::take(&mut to_mark);
-            let step = BackgroundWorker::transaction(move || {
-                Spi::connect_mut(|client| Self::step(client, first, marking, read, after_id, limit))
-            });
-            first = false;
+            let step =
+                in_transaction(|client| Self::step(client, first, marking, read, after_id, limit));
             self.note_extension(step.extension_present);
-            changes.extend(step.changes);
+            if first && !step.changes.is_empty() {
+                // State changes go to Redis before this cycle's pushes, so that a job hash
+                // written by dispatch (`migrated`) is not overwritten by an older state.
+                changes = step.changes;
+                let keys = &self.keys;
+                changes_applied = self
+                    .redis
+                    .run(|con| sync::apply(con, keys, &changes))
+                    .is_some();
+                redis_ok &= changes_applied;
+            }
+            first = false;
             if let Some(due) = step.next_due_in {
                 sleep = sleep.min(due);
             }
@@ -179,7 +189,7 @@ impl Bridge {
                 break;
             }
         }
-        if redis_ok {
+        if changes_applied {
             self.sync(changes);
         }
         if let Some(retry) = self.redis.retry_in() {
@@ -189,17 +199,10 @@ impl Bridge {
         sleep
     }
 
-    /// Applies pending changes to Redis, then deletes them; more batches while the outbox is full.
+    /// Deletes changes already applied to Redis; then applies and deletes more while the outbox
+    /// was full.
     fn sync(&mut self, mut changes: Vec<sync::Change>) {
-        while !changes.is_empty() {
-            let keys = &self.keys;
-            if self
-                .redis
-                .run(|con| sync::apply(con, keys, &changes))
-                .is_none()
-            {
-                return;
-            }
+        loop {
             let more = changes.len() == SYNC_BATCH;
             changes = in_transaction(|client| {
                 sync::delete_applied(client, &changes);
@@ -209,6 +212,15 @@ impl Bridge {
                     Vec::new()
                 }
             });
+            let keys = &self.keys;
+            if changes.is_empty()
+                || self
+                    .redis
+                    .run(|con| sync::apply(con, keys, &changes))
+                    .is_none()
+            {
+                return;
+            }
         }
     }
 
