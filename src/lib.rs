@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 pub mod api;
 pub mod bridge;
+pub mod monitor;
 pub mod redis;
 pub mod settings;
 pub mod spi_plans;

@@ -17,7 +17,6 @@ pub struct RedisLink {
     backoff: Duration,
     /// What was last logged: None before the first attempt.
     reachable: Option<bool>,
-    pub last_error: Option<String>,
 }
 
 impl RedisLink {
@@ -28,7 +27,6 @@ impl RedisLink {
             retry_at: None,
             backoff: FIRST_RETRY,
             reachable: None,
-            last_error: None,
         }
     }
 
@@ -68,6 +66,7 @@ impl RedisLink {
                         );
                     }
                     self.reachable = Some(true);
+                    super::shared::record_redis_connected();
                     self.retry_at = None;
                     self.backoff = FIRST_RETRY;
                     self.con = Some(con);
@@ -106,9 +105,8 @@ impl RedisLink {
                 redact(&self.url)
             );
         }
-        super::shared::add_error();
+        super::shared::record_error(&error);
         self.reachable = Some(false);
-        self.last_error = Some(error);
         self.con = None;
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_RETRY);

@@ -1,8 +1,9 @@
 //! The bridge's shared-memory block: how backends wake it, and what it publishes about itself.
-//! Only atomics: no backend ever takes a lock to read or write it.
+//! Atomics, plus the text of its last error behind an LWLock that is held only to copy it
+//! (never while anyone waits on Redis).
 
 use pgrx::prelude::*;
-use pgrx::{PGRXSharedMemory, PgAtomic};
+use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 #[derive(Default)]
@@ -14,11 +15,34 @@ pub struct BridgeShared {
     last_cycle_us: AtomicI64,
     dispatched_total: AtomicU64,
     errors_total: AtomicU64,
+    /// Whether the bridge's last Redis call succeeded.
+    redis_connected: AtomicBool,
 }
 
 unsafe impl PGRXSharedMemory for BridgeShared {}
 
 pub static SHARED: PgAtomic<BridgeShared> = unsafe { PgAtomic::new(c"queue_pg_bridge") };
+
+/// The bridge's last error message (already free of passwords), truncated to fit.
+#[derive(Clone, Copy)]
+pub struct ErrorText {
+    len: usize,
+    bytes: [u8; 240],
+}
+
+impl Default for ErrorText {
+    fn default() -> Self {
+        ErrorText {
+            len: 0,
+            bytes: [0; 240],
+        }
+    }
+}
+
+unsafe impl PGRXSharedMemory for ErrorText {}
+
+pub static LAST_ERROR: PgLwLock<ErrorText> =
+    unsafe { PgLwLock::new(c"queue_pg_bridge_last_error") };
 
 /// Set in the postmaster when the block is requested; every backend inherits it by fork.
 static IN_SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
@@ -26,6 +50,7 @@ static IN_SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 /// Requests the shared memory; called from `_PG_init` while loading from shared_preload_libraries.
 pub fn init() {
     pgrx::pg_shmem_init!(SHARED);
+    pgrx::pg_shmem_init!(LAST_ERROR);
     IN_SHARED_MEMORY.store(true, Ordering::Relaxed);
 }
 
@@ -75,9 +100,24 @@ pub fn add_dispatched(n: u64) {
     }
 }
 
-pub fn add_error() {
+/// Counts an error and keeps its text for monitoring.
+pub fn record_error(message: &str) {
     if let Some(s) = shared() {
         s.errors_total.fetch_add(1, Ordering::Relaxed);
+        s.redis_connected.store(false, Ordering::Relaxed);
+        let mut text = LAST_ERROR.exclusive();
+        let mut end = message.len().min(text.bytes.len());
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.bytes[..end].copy_from_slice(&message.as_bytes()[..end]);
+        text.len = end;
+    }
+}
+
+pub fn record_redis_connected() {
+    if let Some(s) = shared() {
+        s.redis_connected.store(true, Ordering::Relaxed);
     }
 }
 
@@ -87,13 +127,22 @@ pub struct BridgeStatus {
     pub last_cycle_us: i64,
     pub dispatched_total: u64,
     pub errors_total: u64,
+    pub redis_connected: bool,
+    pub last_error: Option<String>,
 }
 
+/// What the bridge published; None when queue_pg was not preloaded.
 pub fn status() -> Option<BridgeStatus> {
-    shared().map(|s| BridgeStatus {
-        pid: s.pid.load(Ordering::Acquire),
-        last_cycle_us: s.last_cycle_us.load(Ordering::Relaxed),
-        dispatched_total: s.dispatched_total.load(Ordering::Relaxed),
-        errors_total: s.errors_total.load(Ordering::Relaxed),
+    shared().map(|s| {
+        let text = *LAST_ERROR.share();
+        BridgeStatus {
+            pid: s.pid.load(Ordering::Acquire),
+            last_cycle_us: s.last_cycle_us.load(Ordering::Relaxed),
+            dispatched_total: s.dispatched_total.load(Ordering::Relaxed),
+            errors_total: s.errors_total.load(Ordering::Relaxed),
+            redis_connected: s.redis_connected.load(Ordering::Relaxed),
+            last_error: (text.len > 0)
+                .then(|| String::from_utf8_lossy(&text.bytes[..text.len]).into_owned()),
+        }
     })
 }

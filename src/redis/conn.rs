@@ -5,7 +5,14 @@ use std::time::Duration;
 
 /// Opens a connection with the timeout applied to connect, AUTH, and every later read and write.
 pub fn connect(url: &str, timeout: Duration) -> Result<redis::Connection, String> {
-    let client = redis::Client::open(url).map_err(|e| redact_error(&e, url))?;
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()
+        .map_err(|e| redact_error(&e, url))?;
+    // No CLIENT SETINFO in the handshake: each of its replies would get the whole timeout again.
+    let handshake = info.redis_settings().clone().set_skip_set_lib_name();
+    let client = redis::Client::open(info.set_redis_settings(handshake))
+        .map_err(|e| redact_error(&e, url))?;
     let con = client
         .get_connection_with_timeout(timeout)
         .map_err(|e| redact_error(&e, url))?;

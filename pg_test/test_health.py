@@ -1,0 +1,132 @@
+"""queue.health(): the spec's shape and numbers, Redis down or hanging, the bridge stopped or
+stalled (issue 4, items 1-3)."""
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+from conftest import bridge_pid, list_key, set_config, stack, wait_for
+
+
+def health(db):
+    return db.execute("SELECT queue.health()").fetchone()[0]
+
+
+def test_health_reports_a_known_state(db, r):
+    db.execute("INSERT INTO queue.queues (queue_name, backoff_base) VALUES ('h1', '1 hour')")
+    db.execute("SELECT queue.pause('h2')")
+    # h1: 2 in Redis (normal, high), 1 running, 1 retrying, 1 scheduled, 1 completed, 1 dead
+    ids = [x[0] for x in db.execute("SELECT * FROM queue.enqueue_many('h1', '[1, 2, 3, 4]')").fetchall()]
+    db.execute("SELECT queue.enqueue('h1', '5', 'high')")
+    db.execute("SELECT queue.enqueue('h1', '6', run_at => now() + interval '1 hour')")
+    dead = db.execute("SELECT queue.enqueue('h1', '7', max_attempts => 1)").fetchone()[0]
+    wait_for(lambda: r.llen(list_key("h1")) == 5)
+    # A worker took the normal list's first four messages and started all but ids[3], which it
+    # put back; the high one waits.
+    taken = [json.loads(r.rpop(list_key("h1"))) for _ in range(5)]
+    assert [m["id"] for m in taken] == ids + [dead]
+    r.rpush(list_key("h1"), json.dumps(taken[3]))
+    for job_id in (ids[0], ids[1], ids[2], dead):
+        db.execute("SELECT * FROM queue.start(%s)", (job_id,))
+    db.execute("SELECT queue.fail(%s, 'again')", (ids[1],))
+    db.execute("SELECT queue.complete(%s)", (ids[2],))
+    db.execute("SELECT queue.fail(%s, 'dead')", (dead,))
+    # h2 (paused): 2 queued in Postgres
+    db.execute("SELECT * FROM queue.enqueue_many('h2', '[1, 2]', 'low')")
+
+    h = health(db)
+    assert set(h) == {"timestamp", "status", "redis", "queues", "recent_jobs", "dead_letter_queue", "bridge"}
+    assert set(h["redis"]) == {"status", "ping", "memory_used", "memory_used_percentage", "connected_clients", "error"}
+    assert h["redis"]["status"] == "healthy" and h["redis"]["ping"] == "PONG" and h["redis"]["error"] is None
+    assert isinstance(h["redis"]["memory_used"], int) and h["redis"]["memory_used"] > 0
+    assert isinstance(h["redis"]["connected_clients"], int)
+    q1, q2 = h["queues"]["h1"], h["queues"]["h2"]
+    assert set(q1) == {"high", "normal", "low", "queued", "scheduled", "retry_scheduled", "running", "oldest_age_s"}
+    assert (q1["high"], q1["normal"], q1["low"]) == (1, 1, 0)
+    assert (q1["queued"], q1["scheduled"], q1["retry_scheduled"], q1["running"]) == (0, 1, 1, 1)
+    assert (q2["high"], q2["normal"], q2["low"], q2["queued"]) == (0, 0, 0, 2)
+    assert q2["oldest_age_s"] >= 0
+    assert h["recent_jobs"] == {"completed": 1, "failed": 1, "retried": 1, "window": "1 hour"}
+    assert h["dead_letter_queue"]["depth"] == 1 and h["dead_letter_queue"]["oldest_failed_at"]
+    b = h["bridge"]
+    assert set(b) == {"status", "pid", "last_cycle_at", "lag_ms", "dispatched_total", "errors_total", "last_error"}
+    assert b["status"] == "running" and b["pid"] == bridge_pid(db)
+    assert b["dispatched_total"] >= 6 and isinstance(b["lag_ms"], int)
+    assert h["status"] == "degraded"  # a job died in the last hour
+
+
+def test_health_is_healthy_when_all_is_well(db, r):
+    db.execute("SELECT queue.enqueue('fine', '1')")
+    wait_for(lambda: r.llen(list_key("fine")) == 1)
+    assert health(db)["status"] == "healthy"
+
+
+def test_health_with_redis_stopped_answers_unhealthy(db, r):
+    stack("redis-stop")
+    start = time.monotonic()
+    h = health(db)
+    assert time.monotonic() - start < 3
+    assert h["status"] == "unhealthy" and h["redis"]["status"] == "unhealthy"
+    assert h["redis"]["error"] and h["redis"]["ping"] is None
+    wait_for(lambda: health(db)["bridge"]["last_error"] is not None, what="the bridge's error")
+    assert health(db)["bridge"]["errors_total"] >= 1
+
+
+def test_health_with_a_hanging_redis_answers_within_the_timeout_and_hides_the_password(db, r):
+    # A server that accepts connections and never answers.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        set_config(db, redis_url=f"redis://:hunter2-secret@127.0.0.1:{port}")
+        db.execute("SET queue.redis_timeout = '1s'")
+        start = time.monotonic()
+        h = health(db)
+        took = time.monotonic() - start
+        assert took < 1 + 1, f"health() took {took:.2f} s with a 1 s redis_timeout"
+        assert h["status"] == "unhealthy" and h["redis"]["error"]
+        assert "hunter2-secret" not in str(h)
+        time.sleep(2.5)  # the bridge times out against it too
+        h = health(db)
+        assert "hunter2-secret" not in str(h)
+        assert h["bridge"]["last_error"]
+    finally:
+        stop.set()
+        db.execute("ALTER SYSTEM RESET queue.redis_url")
+        db.execute("SELECT pg_reload_conf()")
+        server.close()
+        for c in held:
+            c.close()
+
+
+def test_health_says_when_the_bridge_is_stopped_or_stalled(db, r):
+    pid = bridge_pid(db)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: health(db)["bridge"]["status"] == "stalled", timeout=10, interval=0.2,
+                 what="a stalled bridge")
+        assert health(db)["status"] == "unhealthy"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: health(db)["bridge"]["status"] == "running", timeout=10)
+
+    db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    wait_for(lambda: health(db)["bridge"]["status"] == "stopped", timeout=5, interval=0.02,
+             what="the bridge reported stopped before its restart")
+    wait_for(lambda: health(db)["bridge"]["status"] == "running", timeout=15, what="the bridge back")
