@@ -2,7 +2,8 @@
 # Sets everything up (scripts/setup.sh), starts a throwaway PostgreSQL 15 with queue_pg preloaded
 # and a local redis-server (scripts/stack.sh), and walks through the life of some jobs:
 # enqueue from SQL, watch the bridge move them into Redis, pop, start, complete and fail them
-# like a worker would, see the backoff and the dead-letter queue, replay a dead job.
+# like a worker would, see the backoff and the dead-letter queue, replay a dead job, and print
+# queue.health().
 # Stops what it started at the end; QPG_KEEP=1 leaves both running for you to explore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +74,9 @@ echo "LRANGE queue_pg:deadletter:queue:"; rcli lrange 'queue_pg:deadletter:queue
 sql -c "SELECT queue.replay_dead($dead);"
 sleep 0.3
 echo "after replay: dead letters $(rcli llen 'queue_pg:deadletter:queue'), job $dead is $(sql -Atc "SELECT status FROM queue.jobs WHERE id = $dead")"
+
+step "queue.health(): Redis, the queues on both sides, recent outcomes, dead letters, the bridge"
+sql -Atc "SELECT jsonb_pretty(queue.health());"
 
 if [ -n "${QPG_KEEP:-}" ]; then
     echo; echo "Still running. psql: scripts/stack.sh psql   stop: QPG_HOME=$QPG_HOME scripts/stack.sh down"

@@ -17,6 +17,8 @@ pub struct RedisLink {
     backoff: Duration,
     /// What was last logged: None before the first attempt.
     reachable: Option<bool>,
+    /// A connection was opened and nothing has checked yet whether Redis kept its data.
+    fresh: bool,
 }
 
 impl RedisLink {
@@ -27,6 +29,7 @@ impl RedisLink {
             retry_at: None,
             backoff: FIRST_RETRY,
             reachable: None,
+            fresh: false,
         }
     }
 
@@ -70,6 +73,7 @@ impl RedisLink {
                     self.retry_at = None;
                     self.backoff = FIRST_RETRY;
                     self.con = Some(con);
+                    self.fresh = true;
                 }
                 Err(e) => {
                     self.failed(e);
@@ -94,6 +98,12 @@ impl RedisLink {
                 None
             }
         }
+    }
+
+    /// True once after each new connection: the caller checks, before pushing anything on it,
+    /// whether Redis still has its data (it may have restarted while unreachable).
+    pub fn take_fresh(&mut self) -> bool {
+        std::mem::take(&mut self.fresh)
     }
 
     /// A command failed: drop the connection and back off. Jobs stay in Postgres meanwhile.

@@ -139,6 +139,10 @@ impl Bridge {
             self.maintain();
         }
         let mut redis_ok = self.redis.get().is_some();
+        if redis_ok && self.redis.take_fresh() {
+            // Before the first push on a new connection: did Redis lose its data meanwhile?
+            self.check_epoch();
+        }
         let mut changes = Vec::new();
         let mut changes_applied = false;
 
@@ -245,16 +249,8 @@ impl Bridge {
             pgrx::debug1!("queue_pg bridge: pruned {pruned} completed jobs");
         }
 
-        let keys = &self.keys;
-        match self.redis.run(|con| rescue::epoch_was_missing(con, keys)) {
-            None => return,
-            Some(false) => {}
-            Some(true) => {
-                let n = in_transaction(rescue::requeue_all_migrated);
-                if n > 0 {
-                    warning!("queue_pg bridge: Redis lost its data; dispatching {n} jobs again");
-                }
-            }
+        if !self.check_epoch() {
+            return;
         }
         let lists = in_transaction(|client| rescue::migrated_lists(client));
         if lists.is_empty() {
@@ -272,6 +268,25 @@ impl Bridge {
         let n = in_transaction(|client| rescue::redispatch_unstarted(client, &lists, &due));
         if n > 0 {
             log!("queue_pg bridge: {n} jobs were popped but not started within queue.start_timeout; dispatching them again");
+        }
+    }
+
+    /// If Redis lost its data (its epoch key is gone), every job it had and no worker started
+    /// goes back to `queued`. False if Redis could not be asked.
+    fn check_epoch(&mut self) -> bool {
+        let keys = &self.keys;
+        match self.redis.run(|con| rescue::epoch_was_missing(con, keys)) {
+            None => false,
+            Some(false) => true,
+            Some(true) => {
+                let n = in_transaction(|client| {
+                    extension_present(client).then(|| rescue::requeue_all_migrated(client))
+                });
+                if let Some(n) = n.filter(|&n| n > 0) {
+                    warning!("queue_pg bridge: Redis lost its data; dispatching {n} jobs again");
+                }
+                true
+            }
         }
     }
 
