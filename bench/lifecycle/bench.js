@@ -14,6 +14,8 @@ const { run } = require("graphile-worker");
 
 const N = Number(process.env.LIFECYCLE_JOBS || 10000);
 const WORKERS = (process.env.LIFECYCLE_WORKERS || "1,4,16").split(",").map(Number);
+const ROUNDS = Number(process.env.LIFECYCLE_ROUNDS || 3);
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const pgConfig = { host: process.env.QPG_HOME, port: Number(process.env.QPG_PGPORT), user: "postgres", database: "postgres" };
 const redisPort = Number(process.env.QPG_REDIS_PORT);
 const quietPool = (config) => {
@@ -103,13 +105,20 @@ async function graphile(admin, workers) {
   const warm = await run({ pgPool: quietPool({ ...pgConfig, max: 2 }), concurrency: 1, noHandleSignals: true,
     logger: new (require("graphile-worker").Logger)(() => () => {}), taskList: { noop: async () => {} } });
   await warm.stop();
-  console.log(`\n(d) full lifecycle of ${N.toLocaleString()} no-op jobs (enqueue in statements of 100 -> worker -> complete)`);
+  console.log(`\n(d) full lifecycle of ${N.toLocaleString()} no-op jobs (enqueue in statements of 100 -> worker -> complete),`);
+  console.log(`    median of ${ROUNDS} interleaved rounds (all rounds in brackets)`);
   console.log("    workers   graphile-worker   queue_pg complete   ratio   queue_pg complete_many   ratio");
   for (const w of WORKERS) {
-    const g = await graphile(admin, w);
-    const q = await queuePg(admin, w, false);
-    const qm = await queuePg(admin, w, true);
+    const runs = { g: [], q: [], qm: [] };
+    for (let round = 0; round < ROUNDS; round++) {
+      runs.g.push(await graphile(admin, w));
+      runs.q.push(await queuePg(admin, w, false));
+      runs.qm.push(await queuePg(admin, w, true));
+    }
+    const [g, q, qm] = [median(runs.g), median(runs.q), median(runs.qm)];
     console.log(`    ${String(w).padStart(7)}   ${g.toFixed(0).padStart(10)} jobs/s   ${q.toFixed(0).padStart(10)} jobs/s   ${(q / g).toFixed(2).padStart(5)}   ${qm.toFixed(0).padStart(15)} jobs/s   ${(qm / g).toFixed(2).padStart(5)}`);
+    const all = (xs) => xs.map((x) => x.toFixed(0)).join(", ");
+    console.log(`              [${all(runs.g)}]   [${all(runs.q)}]   [${all(runs.qm)}]`);
   }
   await admin.end();
 })().catch((e) => { console.error(e); process.exit(1); });
