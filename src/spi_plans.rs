@@ -1,8 +1,9 @@
 //! Prepared SPI plans, kept for the life of the backend so that hot statements (enqueue, the
 //! bridge's dispatch queries) are parsed and planned once, not on every call.
 
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::PgOid;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -16,6 +17,7 @@ pub mod types {
     pub const INT8: PgOid = PgOid::BuiltIn(BuiltinOid::INT8OID);
     pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT8ARRAYOID);
     pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZOID);
+    pub const INTERVAL: PgOid = PgOid::BuiltIn(BuiltinOid::INTERVALOID);
 }
 
 thread_local! {
@@ -44,4 +46,17 @@ pub fn with_plan<'conn, R>(
     let result = f(client, &plan);
     PLANS.with(|plans| plans.borrow_mut().insert(key, plan));
     result
+}
+
+/// `client.update(sql, …)` through the kept plan of `sql`.
+pub fn update<'conn>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static str,
+    arg_types: &[PgOid],
+    limit: Option<i64>,
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<SpiTupleTable<'conn>> {
+    with_plan(client, sql, arg_types, |client, plan| {
+        client.update(plan, limit, args)
+    })
 }

@@ -5,6 +5,7 @@ use super::errors::{null_argument, unknown_job};
 use super::jobs::id_was_issued;
 use super::validate;
 use crate::bridge::wake::wake_on_commit;
+use crate::spi_plans::{self, types::INT8};
 use pgrx::prelude::*;
 
 const SET_PAUSED: &str = "
@@ -49,8 +50,7 @@ const EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM queue.jobs WHERE id = $1)";
 fn cancel(job_id: Option<i64>) -> bool {
     let id = job_id.unwrap_or_else(|| null_argument("job_id"));
     let cancelled = Spi::connect_mut(|client| {
-        let n = client
-            .update(CANCEL, Some(1), &[id.into()])
+        let n = spi_plans::update(client, CANCEL, &[INT8], Some(1), &[id.into()])
             .map(|t| t.len())
             .unwrap_or(0);
         if n == 0 {

@@ -7,6 +7,7 @@ use super::errors::null_argument;
 use super::jobs::explain_not_running;
 use crate::bridge::wake::wake_on_commit;
 use crate::settings;
+use crate::spi_plans::{self, types::*};
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -71,8 +72,7 @@ fn complete(
     let id = job_id.unwrap_or_else(|| null_argument("job_id"));
     let args = [id.into(), result.into(), attempt.into()];
     Spi::connect_mut(|client| {
-        let done = client
-            .update(COMPLETE, Some(1), &args)
+        let done = spi_plans::update(client, COMPLETE, &[INT8, JSONB, INT4], Some(1), &args)
             .map(|t| t.len())
             .unwrap_or(0);
         if done == 0 {
@@ -92,8 +92,7 @@ fn complete_many(job_ids: Option<Vec<Option<i64>>>) -> i32 {
         .flatten()
         .collect();
     let done = Spi::connect_mut(|client| {
-        client
-            .update(COMPLETE_MANY, None, &[ids.into()])
+        spi_plans::update(client, COMPLETE_MANY, &[INT8_ARRAY], None, &[ids.into()])
             .map(|t| t.len())
     })
     .unwrap_or_else(|e| pgrx::error!("queue_pg: complete_many failed: {e}"));
@@ -121,8 +120,7 @@ pub fn fail_running_job(
     error: &str,
     attempt: Option<i32>,
 ) -> JsonB {
-    let row = client
-        .update(LOCK_FOR_FAIL, Some(1), &[id.into()])
+    let row = spi_plans::update(client, LOCK_FOR_FAIL, &[INT8], Some(1), &[id.into()])
         .ok()
         .and_then(|t| {
             let row = t.first().get_heap_tuple().ok().flatten()?;
@@ -152,14 +150,15 @@ pub fn fail_running_job(
         Outcome::Retry { attempts, delay_ms } => (attempts, Some(delay_ms)),
         Outcome::Dead { attempts } => (attempts, None),
     };
-    client
-        .update(
-            RECORD_FAILURE,
-            Some(1),
-            &[id.into(), attempts.into(), delay_ms.into(), error.into()],
-        )
-        .and_then(|t| t.first().get_one::<JsonB>())
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| pgrx::error!("queue_pg: recording the failure of job {id} failed"))
+    spi_plans::update(
+        client,
+        RECORD_FAILURE,
+        &[INT8, INT4, INT8, TEXT],
+        Some(1),
+        &[id.into(), attempts.into(), delay_ms.into(), error.into()],
+    )
+    .and_then(|t| t.first().get_one::<JsonB>())
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| pgrx::error!("queue_pg: recording the failure of job {id} failed"))
 }

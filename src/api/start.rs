@@ -5,6 +5,7 @@ use super::errors::{invalid_argument, null_argument, unknown_job};
 use super::jobs::{explain_not_running, id_was_issued};
 use crate::bridge::wake::wake_on_commit;
 use crate::settings;
+use crate::spi_plans::{self, types::*};
 use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
@@ -61,7 +62,7 @@ fn start(
     check_lease(lease);
     let args = [id.into(), lease.into(), settings::lease_ms().into()];
     let row = Spi::connect_mut(|client| {
-        let rows = client.update(START, Some(1), &args)?;
+        let rows = spi_plans::update(client, START, &[INT8, INTERVAL, INT8], Some(1), &args)?;
         let row = match rows.first().get_heap_tuple()? {
             Some(r) => Some((
                 r.get::<i64>(1)?.unwrap_or_default(),
@@ -99,11 +100,16 @@ fn heartbeat(
         attempt.into(),
     ];
     Spi::connect_mut(|client| {
-        let until = client
-            .update(HEARTBEAT, Some(1), &args)
-            .and_then(|t| t.first().get_one::<TimestampWithTimeZone>())
-            .ok()
-            .flatten();
+        let until = spi_plans::update(
+            client,
+            HEARTBEAT,
+            &[INT8, INTERVAL, INT8, INT4],
+            Some(1),
+            &args,
+        )
+        .and_then(|t| t.first().get_one::<TimestampWithTimeZone>())
+        .ok()
+        .flatten();
         until.unwrap_or_else(|| explain_not_running(client, id, attempt, "heartbeat"))
     })
 }
