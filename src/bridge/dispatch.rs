@@ -7,7 +7,7 @@
 
 use crate::redis::{iso_utc, iso_utc_from_pg, Keys};
 use crate::spi_plans::types::{INT8, INT8_ARRAY};
-use crate::spi_plans::with_plan;
+use crate::spi_plans::{self, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::spi::SpiClient;
 use std::time::SystemTime;
@@ -59,12 +59,14 @@ pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {
         return;
     }
     let args = [pushed.ids.into(), pushed.seqs.into()];
-    with_plan(
+    spi_plans::update(
         client,
         MARK_MIGRATED,
         &[INT8_ARRAY, INT8_ARRAY],
-        |client, plan| client.update(plan, None, &args).map(|_| ()),
+        None,
+        &args,
     )
+    .map(|_| ())
     .unwrap_or_else(|e| panic!("queue_pg bridge: marking jobs migrated failed: {e}"));
 }
 

@@ -2,7 +2,7 @@
 //! `queued` once due; dispatch then pushes them like any other queued job.
 
 use crate::spi_plans::types::INT8;
-use crate::spi_plans::with_plan;
+use crate::spi_plans::{self, with_plan};
 use pgrx::spi::SpiClient;
 use std::time::Duration;
 
@@ -25,12 +25,9 @@ const NEXT_DUE: &str = "
 
 /// Promotes due jobs; returns how many. Runs inside the caller's transaction.
 pub fn promote_due(client: &mut SpiClient<'_>) -> usize {
-    with_plan(client, PROMOTE_DUE, &[INT8], |client, plan| {
-        client
-            .update(plan, None, &[PROMOTE_LIMIT.into()])
-            .map(|t| t.len())
-    })
-    .unwrap_or_else(|e| panic!("queue_pg bridge: promoting due jobs failed: {e}"))
+    spi_plans::update(client, PROMOTE_DUE, &[INT8], None, &[PROMOTE_LIMIT.into()])
+        .map(|t| t.len())
+        .unwrap_or_else(|e| panic!("queue_pg bridge: promoting due jobs failed: {e}"))
 }
 
 /// How long until the next scheduled or retrying job falls due (None if there is none;

@@ -69,7 +69,6 @@ impl RedisLink {
                         );
                     }
                     self.reachable = Some(true);
-                    super::shared::record_redis_connected();
                     self.retry_at = None;
                     self.backoff = FIRST_RETRY;
                     self.con = Some(con);

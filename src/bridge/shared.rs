@@ -15,8 +15,6 @@ pub struct BridgeShared {
     last_cycle_us: AtomicI64,
     dispatched_total: AtomicU64,
     errors_total: AtomicU64,
-    /// Whether the bridge's last Redis call succeeded.
-    redis_connected: AtomicBool,
 }
 
 unsafe impl PGRXSharedMemory for BridgeShared {}
@@ -104,7 +102,6 @@ pub fn add_dispatched(n: u64) {
 pub fn record_error(message: &str) {
     if let Some(s) = shared() {
         s.errors_total.fetch_add(1, Ordering::Relaxed);
-        s.redis_connected.store(false, Ordering::Relaxed);
         let mut text = LAST_ERROR.exclusive();
         let mut end = message.len().min(text.bytes.len());
         while !message.is_char_boundary(end) {
@@ -115,19 +112,12 @@ pub fn record_error(message: &str) {
     }
 }
 
-pub fn record_redis_connected() {
-    if let Some(s) = shared() {
-        s.redis_connected.store(true, Ordering::Relaxed);
-    }
-}
-
 /// What the bridge published, for monitoring.
 pub struct BridgeStatus {
     pub pid: i32,
     pub last_cycle_us: i64,
     pub dispatched_total: u64,
     pub errors_total: u64,
-    pub redis_connected: bool,
     pub last_error: Option<String>,
 }
 
@@ -140,7 +130,6 @@ pub fn status() -> Option<BridgeStatus> {
             last_cycle_us: s.last_cycle_us.load(Ordering::Relaxed),
             dispatched_total: s.dispatched_total.load(Ordering::Relaxed),
             errors_total: s.errors_total.load(Ordering::Relaxed),
-            redis_connected: s.redis_connected.load(Ordering::Relaxed),
             last_error: (text.len > 0)
                 .then(|| String::from_utf8_lossy(&text.bytes[..text.len]).into_owned()),
         }

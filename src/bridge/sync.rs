@@ -6,7 +6,7 @@
 use crate::redis::{iso_utc, iso_utc_from_pg, Keys};
 use crate::settings;
 use crate::spi_plans::types::{INT8, TEXT_ARRAY};
-use crate::spi_plans::with_plan;
+use crate::spi_plans::{self, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::spi::SpiClient;
 use std::time::SystemTime;
@@ -103,10 +103,9 @@ pub fn delete_applied(client: &mut SpiClient<'_>, changes: &[Change]) {
         return;
     }
     let ctids: Vec<String> = changes.iter().map(|c| c.ctid.clone()).collect();
-    with_plan(client, DELETE_APPLIED, &[TEXT_ARRAY], |client, plan| {
-        client.update(plan, None, &[ctids.into()]).map(|_| ())
-    })
-    .unwrap_or_else(|e| panic!("queue_pg bridge: deleting applied outbox rows failed: {e}"));
+    spi_plans::update(client, DELETE_APPLIED, &[TEXT_ARRAY], None, &[ctids.into()])
+        .map(|_| ())
+        .unwrap_or_else(|e| panic!("queue_pg bridge: deleting applied outbox rows failed: {e}"));
 }
 
 /// The dead-letter entry of a job (SPEC.md). It starts with `{"id":<id>,`, which is how

@@ -275,7 +275,10 @@ impl Bridge {
     /// goes back to `queued`. False if Redis could not be asked.
     fn check_epoch(&mut self) -> bool {
         let keys = &self.keys;
-        match self.redis.run(|con| rescue::epoch_was_missing(con, keys)) {
+        let answer = self.redis.run(|con| rescue::epoch_was_missing(con, keys));
+        // This connection has been checked now: the cycle need not check it again.
+        self.redis.take_fresh();
+        match answer {
             None => false,
             Some(false) => true,
             Some(true) => {

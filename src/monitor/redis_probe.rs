@@ -1,7 +1,7 @@
 //! One bounded look at Redis for monitoring: PING, memory, clients and list lengths, in one
 //! round trip, all within `queue.redis_timeout` in total. Failures are values, never ERRORs.
 
-use crate::redis::conn::{redact_error, scrub};
+use crate::redis::conn::redact_error;
 use crate::redis::{connect, without_signals, Keys};
 use crate::settings;
 use std::time::{Duration, Instant};
@@ -89,13 +89,5 @@ pub fn probe(queues: &[String]) -> RedisProbe {
                 .collect(),
             error: None,
         }
-        .scrubbed(&url)
     })
-}
-
-impl RedisProbe {
-    fn scrubbed(mut self, url: &str) -> Self {
-        self.error = self.error.map(|e| scrub(&e, url));
-        self
-    }
 }
