@@ -2,9 +2,10 @@
 # Benchmarks, each against a baseline doing the same work in the same run; prints ratios.
 #
 #   bench/run.sh                 # all: enqueue vs bare INSERT, commit-to-Redis latency, drain,
+#                                # monitoring at 1,000,000 rows,
 #                                # and the full job lifecycle against graphile-worker (Node.js)
 #   bench/run.sh --seconds 5     # shorter pgbench runs
-#   bench/run.sh --only drain    # one of: enqueue, latency, drain (skips the lifecycle part)
+#   bench/run.sh --only drain    # one of: enqueue, latency, drain, monitoring (skips the lifecycle part)
 #
 # Uses its own throwaway cluster and Redis (ports 55462 / 56409), stopped at the end.
 set -euo pipefail

@@ -105,6 +105,12 @@ def spawn_worker(mode, queue, out_file=None, **env):
     return subprocess.Popen(args, env=dict(ENV, **env), stdout=subprocess.PIPE, text=True)
 
 
+def outbox_applied(db, timeout=10):
+    """Waits until the bridge has applied every state change to Redis (and counted it)."""
+    wait_for(lambda: db.execute("SELECT count(*) FROM queue.redis_outbox").fetchone()[0] == 0,
+             timeout=timeout, what="the bridge to apply the Redis outbox")
+
+
 def pop(r, queue, timeout=10):
     """A worker's BRPOP over the queue's three lists: the message, or None."""
     got = r.brpop([list_key(queue, p) for p in ("high", "normal", "low")], timeout=timeout)
@@ -148,12 +154,14 @@ def clean_state(request, stack_up):
     r = redis_client()
     try:
         r.ping()
-    except redis_py.ConnectionError:
+        r.config_set("maxmemory", 0)
+    except (redis_py.ConnectionError, redis_py.AuthenticationError, redis_py.ResponseError):
+        stack("redis-stop")
         stack("redis-start")
     db = reconnect_after_restart()
     db.execute("ALTER SYSTEM RESET ALL")
     db.execute("SELECT pg_reload_conf()")
-    db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox RESTART IDENTITY")
+    db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox, queue.stats RESTART IDENTITY")
     r.flushall()
     # The bridge would take the flush for Redis losing its data (its epoch key is gone) and, on
     # its next tick, dispatch again whatever a test has in Redis by then. The tables are empty,

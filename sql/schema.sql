@@ -61,10 +61,28 @@ CREATE INDEX jobs_failed_idx ON queue.jobs (queue_name, failed_at) WHERE status 
 -- Changes Redis must follow after commit (the job hash, the dead-letter list). SQL functions add a
 -- row in the caller's transaction; the bridge applies it to Redis, then deletes it. 'state': make
 -- the job hash (and dead-letter entry) match the job's row; 'replayed': remove the job's
--- dead-letter entry and marker.
+-- dead-letter entry and marker. `status` is the state the job entered; the bridge counts it into
+-- queue.stats in the transaction that deletes the row, so each change is counted once.
 CREATE TABLE queue.redis_outbox (
-    job_id bigint NOT NULL,
-    event  text NOT NULL CHECK (event IN ('state', 'replayed'))
+    job_id     bigint NOT NULL,
+    event      text NOT NULL CHECK (event IN ('state', 'replayed')),
+    status     text NOT NULL,
+    queue_name text NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now()
+);
+
+-- Outcomes per queue and minute, for monitoring: how many attempts completed, were retried, died
+-- (failed for good) or were cancelled. Only the bridge writes here (from the outbox), so workers
+-- never contend on a counter row. Minutes that have left the last hour are folded into the queue's
+-- row at minute '-infinity', which holds the totals from before.
+CREATE TABLE queue.stats (
+    queue_name text NOT NULL,
+    minute     timestamptz NOT NULL,
+    completed  bigint NOT NULL DEFAULT 0,
+    retried    bigint NOT NULL DEFAULT 0,
+    failed     bigint NOT NULL DEFAULT 0,
+    cancelled  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue_name, minute)
 );
 
 -- Dead jobs: their durable record is the row in queue.jobs.
@@ -77,3 +95,4 @@ CREATE VIEW queue.dead_letters AS
 SELECT pg_catalog.pg_extension_config_dump('queue.queues', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.jobs', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.jobs_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('queue.stats', '');

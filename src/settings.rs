@@ -260,3 +260,6 @@ pub fn dead_letter_ttl_s() -> i64 {
 pub fn completed_retention_s() -> i64 {
     i64::from(COMPLETED_RETENTION_S.get())
 }
+pub fn memory_check_interval() -> Duration {
+    Duration::from_secs(MEMORY_CHECK_INTERVAL_S.get() as u64)
+}

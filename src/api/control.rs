@@ -38,8 +38,9 @@ const CANCEL: &str = "
     WITH c AS (
         UPDATE queue.jobs SET status = 'cancelled', updated_at = now(), lease_expires_at = NULL
         WHERE id = $1 AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled')
-        RETURNING id)
-    INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'state' FROM c
+        RETURNING id, queue_name)
+    INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+    SELECT id, 'state', 'cancelled', queue_name FROM c
     RETURNING job_id";
 
 const EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM queue.jobs WHERE id = $1)";

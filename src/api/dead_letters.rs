@@ -23,8 +23,9 @@ const REPLAY: &str = "
             run_at = now(), started_at = NULL, lease_expires_at = NULL, dispatch_seq = NULL,
             updated_at = now()
         FROM picked WHERE j.id = picked.id
-        RETURNING j.id)
-    INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'replayed' FROM replayed
+        RETURNING j.id, j.queue_name)
+    INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+    SELECT id, 'replayed', 'queued', queue_name FROM replayed
     RETURNING job_id";
 
 fn replay(id: Option<i64>, queue_name: Option<&str>, max_jobs: i64) -> usize {

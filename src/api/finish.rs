@@ -18,8 +18,9 @@ const COMPLETE: &str = "
         SET status = 'completed', completed_at = now(), updated_at = now(), result = $2,
             lease_expires_at = NULL
         WHERE id = $1 AND status = 'running' AND ($3::int IS NULL OR attempt_count + 1 = $3)
-        RETURNING id)
-    INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'state' FROM done
+        RETURNING id, queue_name)
+    INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+    SELECT id, 'state', 'completed', queue_name FROM done
     RETURNING job_id";
 
 const COMPLETE_MANY: &str = "
@@ -27,8 +28,9 @@ const COMPLETE_MANY: &str = "
         UPDATE queue.jobs
         SET status = 'completed', completed_at = now(), updated_at = now(), lease_expires_at = NULL
         WHERE id = ANY($1) AND status = 'running'
-        RETURNING id)
-    INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'state' FROM done
+        RETURNING id, queue_name)
+    INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+    SELECT id, 'state', 'completed', queue_name FROM done
     RETURNING job_id";
 
 // The job's attempt and its queue's backoff settings, with the job locked for the update.
@@ -53,8 +55,9 @@ const RECORD_FAILURE: &str = "
             lease_expires_at = NULL,
             updated_at = now()
         WHERE id = $1
-        RETURNING id, status, run_at),
-    noted AS (INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'state' FROM f)
+        RETURNING id, status, run_at, queue_name),
+    noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+              SELECT id, 'state', status, queue_name FROM f)
     SELECT jsonb_build_object(
         'status', status,
         'attempt_count', $2,

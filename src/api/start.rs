@@ -21,7 +21,8 @@ const START: &str = "
         WHERE j.id = $1 AND j.status IN ('queued', 'migrated')
         RETURNING j.id, j.queue_name, j.payload, j.attempt_count + 1 AS attempt, j.max_attempts,
                   j.lease_expires_at),
-    noted AS (INSERT INTO queue.redis_outbox (job_id, event) SELECT id, 'state' FROM claimed)
+    noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+              SELECT id, 'state', 'running', queue_name FROM claimed)
     SELECT * FROM claimed";
 
 const HEARTBEAT: &str = "

@@ -6,9 +6,11 @@
 //! - `dispatch`: queued jobs are read, pushed in one pipelined round trip, then marked `migrated`.
 //! - `sync`: Redis follows committed state changes (job hashes, the dead-letter list).
 //! - `rescue`: expired leases, popped-but-never-started jobs, a Redis that lost its data, pruning.
+//! - `memory`: the periodic `queue.optimize_memory()` (job hash TTLs, dead-letter trimming).
 //! - `shared`, `wake`: the shared-memory block and the commit-time wake-up used by backends.
 
 pub mod dispatch;
+pub mod memory;
 pub mod promote;
 pub mod redis_link;
 pub mod rescue;

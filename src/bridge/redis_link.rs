@@ -69,6 +69,7 @@ impl RedisLink {
                         );
                     }
                     self.reachable = Some(true);
+                    super::shared::set_redis_connected(true);
                     self.retry_at = None;
                     self.backoff = FIRST_RETRY;
                     self.con = Some(con);
@@ -115,6 +116,7 @@ impl RedisLink {
             );
         }
         super::shared::record_error(&error);
+        super::shared::set_redis_connected(false);
         self.reachable = Some(false);
         self.con = None;
         self.retry_at = Some(Instant::now() + self.backoff);

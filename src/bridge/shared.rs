@@ -14,7 +14,12 @@ pub struct BridgeShared {
     /// Unix time in microseconds when the bridge last finished a cycle.
     last_cycle_us: AtomicI64,
     dispatched_total: AtomicU64,
+    /// Failed attempts scheduled for a retry, and jobs that died (moved to the dead letters),
+    /// as the bridge applied them to Redis.
+    retried_total: AtomicU64,
+    dead_lettered_total: AtomicU64,
     errors_total: AtomicU64,
+    redis_connected: AtomicBool,
 }
 
 unsafe impl PGRXSharedMemory for BridgeShared {}
@@ -83,6 +88,7 @@ pub fn clear_bridge_process() {
     if let Some(s) = shared() {
         s.latch.store(0, Ordering::Release);
         s.pid.store(0, Ordering::Release);
+        s.redis_connected.store(false, Ordering::Relaxed);
     }
 }
 
@@ -95,6 +101,20 @@ pub fn record_cycle(now_us: i64) {
 pub fn add_dispatched(n: u64) {
     if let Some(s) = shared() {
         s.dispatched_total.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub fn add_outcomes(retried: u64, dead_lettered: u64) {
+    if let Some(s) = shared() {
+        s.retried_total.fetch_add(retried, Ordering::Relaxed);
+        s.dead_lettered_total
+            .fetch_add(dead_lettered, Ordering::Relaxed);
+    }
+}
+
+pub fn set_redis_connected(connected: bool) {
+    if let Some(s) = shared() {
+        s.redis_connected.store(connected, Ordering::Relaxed);
     }
 }
 
@@ -117,8 +137,11 @@ pub struct BridgeStatus {
     pub pid: i32,
     pub last_cycle_us: i64,
     pub dispatched_total: u64,
+    pub retried_total: u64,
+    pub dead_lettered_total: u64,
     pub errors_total: u64,
     pub last_error: Option<String>,
+    pub redis_connected: bool,
 }
 
 /// What the bridge published; None when queue_pg was not preloaded.
@@ -129,7 +152,10 @@ pub fn status() -> Option<BridgeStatus> {
             pid: s.pid.load(Ordering::Acquire),
             last_cycle_us: s.last_cycle_us.load(Ordering::Relaxed),
             dispatched_total: s.dispatched_total.load(Ordering::Relaxed),
+            retried_total: s.retried_total.load(Ordering::Relaxed),
+            dead_lettered_total: s.dead_lettered_total.load(Ordering::Relaxed),
             errors_total: s.errors_total.load(Ordering::Relaxed),
+            redis_connected: s.redis_connected.load(Ordering::Relaxed),
             last_error: (text.len > 0)
                 .then(|| String::from_utf8_lossy(&text.bytes[..text.len]).into_owned()),
         }

@@ -1,8 +1,10 @@
 //! Redis follows Postgres after commit: the bridge applies `queue.redis_outbox` (written by the
 //! lifecycle functions in their transactions) to the job hashes and the dead-letter list, then
-//! deletes the rows it applied. Every command is idempotent, so a crash in between only means
-//! applying a change twice.
+//! deletes the rows it applied, counting the outcomes among them into `queue.stats` in the same
+//! transaction (so each is counted once). Every Redis command is idempotent, so a crash in between
+//! only means applying a change twice.
 
+use super::shared;
 use crate::redis::{iso_utc, iso_utc_from_pg, Keys};
 use crate::settings;
 use crate::spi_plans::types::{INT8, TEXT_ARRAY};
@@ -16,6 +18,8 @@ pub struct Change {
     ctid: String,
     job_id: i64,
     replayed: bool,
+    /// The state the job entered with this change.
+    entered: String,
     job: Option<JobState>,
 }
 
@@ -32,16 +36,46 @@ struct JobState {
 
 // LATERAL: one primary-key lookup per outbox row (a plain join may hash all of queue.jobs).
 const READ_OUTBOX: &str = "
-    SELECT o.ctid::text, o.job_id, o.event, j.status, j.queue_name, j.attempt_count,
+    SELECT o.ctid::text, o.job_id, o.event, o.status AS entered, j.status, j.queue_name, j.attempt_count,
            j.last_error_message, j.failed_at, j.retry_delay_ms, j.payload, j.priority
-    FROM (SELECT ctid, job_id, event FROM queue.redis_outbox LIMIT $1) o
+    FROM (SELECT ctid, job_id, event, status FROM queue.redis_outbox LIMIT $1) o
     LEFT JOIN LATERAL (
         SELECT status, queue_name, attempt_count, last_error_message, failed_at,
                (EXTRACT(EPOCH FROM (run_at - updated_at)) * 1000)::bigint AS retry_delay_ms,
                payload::text AS payload, priority
         FROM queue.jobs WHERE id = o.job_id) j ON true";
 
-const DELETE_APPLIED: &str = "DELETE FROM queue.redis_outbox WHERE ctid = ANY($1::tid[])";
+// Deletes the applied rows and counts the outcomes among them, per queue and minute.
+const DELETE_APPLIED: &str = "
+    WITH applied AS (
+        DELETE FROM queue.redis_outbox WHERE ctid = ANY($1::tid[])
+        RETURNING queue_name, status, at)
+    INSERT INTO queue.stats AS s (queue_name, minute, completed, retried, failed, cancelled)
+    SELECT queue_name, date_trunc('minute', at),
+           count(*) FILTER (WHERE status = 'completed'),
+           count(*) FILTER (WHERE status = 'retry_scheduled'),
+           count(*) FILTER (WHERE status = 'failed'),
+           count(*) FILTER (WHERE status = 'cancelled')
+    FROM applied
+    WHERE status IN ('completed', 'retry_scheduled', 'failed', 'cancelled')
+    GROUP BY 1, 2
+    ON CONFLICT (queue_name, minute) DO UPDATE
+    SET completed = s.completed + EXCLUDED.completed, retried = s.retried + EXCLUDED.retried,
+        failed = s.failed + EXCLUDED.failed, cancelled = s.cancelled + EXCLUDED.cancelled";
+
+// Minutes that left the last hour (what monitoring shows, with a little margin) fold into the
+// queue's totals row at '-infinity'.
+const FOLD_STATS: &str = "
+    WITH old AS (
+        DELETE FROM queue.stats
+        WHERE minute < now() - interval '62 minutes' AND minute <> '-infinity'
+        RETURNING *)
+    INSERT INTO queue.stats AS s (queue_name, minute, completed, retried, failed, cancelled)
+    SELECT queue_name, '-infinity', sum(completed), sum(retried), sum(failed), sum(cancelled)
+    FROM old GROUP BY queue_name
+    ON CONFLICT (queue_name, minute) DO UPDATE
+    SET completed = s.completed + EXCLUDED.completed, retried = s.retried + EXCLUDED.retried,
+        failed = s.failed + EXCLUDED.failed, cancelled = s.cancelled + EXCLUDED.cancelled";
 
 /// Adds the dead-letter entry once: the marker doubles as the guard against a second LPUSH.
 const ADD_DEAD_LETTER: &str = "
@@ -68,25 +102,26 @@ pub fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
         let rows = client.select(plan, None, &[(limit as i64).into()])?;
         Ok::<_, pgrx::spi::SpiError>(
             rows.map(|row| {
-                let status: Option<String> = row.get(4).ok().flatten();
+                let status: Option<String> = row.get(5).ok().flatten();
                 Change {
                     ctid: row.get(1).ok().flatten().unwrap_or_default(),
                     job_id: row.get(2).ok().flatten().unwrap_or_default(),
                     replayed: row.get::<String>(3).ok().flatten().as_deref() == Some("replayed"),
+                    entered: row.get(4).ok().flatten().unwrap_or_default(),
                     job: status.map(|status| JobState {
-                        queue: row.get(5).ok().flatten().unwrap_or_default(),
-                        attempt_count: row.get(6).ok().flatten().unwrap_or_default(),
-                        error: row.get(7).ok().flatten(),
+                        queue: row.get(6).ok().flatten().unwrap_or_default(),
+                        attempt_count: row.get(7).ok().flatten().unwrap_or_default(),
+                        error: row.get(8).ok().flatten(),
                         failed_at: row
-                            .get::<TimestampWithTimeZone>(8)
+                            .get::<TimestampWithTimeZone>(9)
                             .ok()
                             .flatten()
                             .map(|t| iso_utc_from_pg(t.into_inner())),
                         retry_delay_ms: (status == "retry_scheduled")
-                            .then(|| row.get::<i64>(9).ok().flatten())
+                            .then(|| row.get::<i64>(10).ok().flatten())
                             .flatten(),
-                        payload: row.get(10).ok().flatten().unwrap_or_else(|| "null".into()),
-                        priority: row.get(11).ok().flatten().unwrap_or_default(),
+                        payload: row.get(11).ok().flatten().unwrap_or_else(|| "null".into()),
+                        priority: row.get(12).ok().flatten().unwrap_or_default(),
                         status,
                     }),
                 }
@@ -97,7 +132,7 @@ pub fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
     .unwrap_or_else(|e| panic!("queue_pg bridge: reading the Redis outbox failed: {e}"))
 }
 
-/// Deletes the applied rows. Runs inside the caller's transaction.
+/// Deletes the applied rows and counts their outcomes. Runs inside the caller's transaction.
 pub fn delete_applied(client: &mut SpiClient<'_>, changes: &[Change]) {
     if changes.is_empty() {
         return;
@@ -106,6 +141,20 @@ pub fn delete_applied(client: &mut SpiClient<'_>, changes: &[Change]) {
     spi_plans::update(client, DELETE_APPLIED, &[TEXT_ARRAY], None, &[ctids.into()])
         .map(|_| ())
         .unwrap_or_else(|e| panic!("queue_pg bridge: deleting applied outbox rows failed: {e}"));
+}
+
+/// The bridge's own totals, published once the transaction that counted them has committed.
+pub fn publish_totals(changes: &[Change]) {
+    let count = |state: &str| changes.iter().filter(|c| c.entered == state).count() as u64;
+    shared::add_outcomes(count("retry_scheduled"), count("failed"));
+}
+
+/// Folds minutes older than an hour (and a little) into each queue's totals. Runs inside the caller's
+/// transaction.
+pub fn fold_stats(client: &mut SpiClient<'_>) {
+    spi_plans::update(client, FOLD_STATS, &[], None, &[])
+        .map(|_| ())
+        .unwrap_or_else(|e| panic!("queue_pg bridge: folding old queue.stats minutes failed: {e}"));
 }
 
 /// The dead-letter entry of a job (SPEC.md). It starts with `{"id":<id>,`, which is how

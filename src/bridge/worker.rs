@@ -8,6 +8,7 @@
 //! Jobs are marked only after Redis acknowledged them, so no exit path loses one.
 
 use super::dispatch::{self, Job, Pushed};
+use super::memory::MemoryTask;
 use super::promote;
 use super::redis_link::RedisLink;
 use super::shared;
@@ -76,6 +77,9 @@ struct Bridge {
     last_maintenance: Instant,
     /// How far each list had been popped, tick by tick (for `queue.start_timeout`).
     pops: rescue::PopHistory,
+    /// When `queue.stats` minutes were last folded into totals (None: not yet).
+    last_fold: Option<Instant>,
+    memory: MemoryTask,
 }
 
 /// What one transaction of the drain loop found.
@@ -88,7 +92,7 @@ struct Step {
 }
 
 /// Runs `f` in a transaction of its own with an SPI connection.
-fn in_transaction<R>(f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
+pub fn in_transaction<R>(f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
     let f = AssertUnwindSafe(f);
     BackgroundWorker::transaction(move || {
         let f = f; // the whole wrapper, not just its field
@@ -105,6 +109,9 @@ fn extension_present(client: &mut SpiClient<'_>) -> bool {
     .unwrap_or(false)
 }
 
+/// How often `queue.stats` minutes that left the last hour are folded into the totals.
+const STATS_FOLD_INTERVAL: Duration = Duration::from_secs(60);
+
 /// At most this many outbox rows per Redis round trip.
 const SYNC_BATCH: usize = 1000;
 
@@ -119,6 +126,8 @@ impl Bridge {
             extension_present: None,
             last_maintenance: Instant::now(),
             pops: rescue::PopHistory::default(),
+            last_fold: None,
+            memory: MemoryTask::default(),
         }
     }
 
@@ -208,7 +217,7 @@ impl Bridge {
     fn sync(&mut self, mut changes: Vec<sync::Change>) {
         loop {
             let more = changes.len() == SYNC_BATCH;
-            changes = in_transaction(|client| {
+            let next = in_transaction(|client| {
                 sync::delete_applied(client, &changes);
                 if more {
                     sync::read_changes(client, SYNC_BATCH)
@@ -216,6 +225,8 @@ impl Bridge {
                     Vec::new()
                 }
             });
+            sync::publish_totals(&changes);
+            changes = next;
             let keys = &self.keys;
             if changes.is_empty()
                 || self
@@ -228,17 +239,26 @@ impl Bridge {
         }
     }
 
-    /// The once-per-poll-interval pass: expired leases, pruning, and the rescue of jobs Redis
-    /// lost or workers dropped.
+    /// The once-per-poll-interval pass: expired leases, pruning, folding old outcome counts,
+    /// the rescue of jobs Redis lost or workers dropped, and a slice of the Redis memory check.
     fn maintain(&mut self) {
+        let fold = self
+            .last_fold
+            .is_none_or(|at| at.elapsed() >= STATS_FOLD_INTERVAL);
         let done = in_transaction(|client| {
             extension_present(client).then(|| {
+                if fold {
+                    sync::fold_stats(client);
+                }
                 (
                     rescue::expire_leases(client),
                     rescue::prune_completed(client),
                 )
             })
         });
+        if fold && done.is_some() {
+            self.last_fold = Some(Instant::now());
+        }
         let Some((expired, pruned)) = done else {
             return;
         };
@@ -252,6 +272,7 @@ impl Bridge {
         if !self.check_epoch() {
             return;
         }
+        self.memory.run_slice(&mut self.redis, &self.keys);
         let lists = in_transaction(|client| rescue::migrated_lists(client));
         if lists.is_empty() {
             return;

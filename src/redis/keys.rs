@@ -26,7 +26,12 @@ impl Keys {
 
     /// `queue_pg:job:42`: the job's status hash.
     pub fn job(&self, id: i64) -> String {
-        format!("{}:job:{}", self.prefix, id)
+        format!("{}{}", self.job_prefix(), id)
+    }
+
+    /// `queue_pg:job:`: what every job hash's key starts with (followed by the job id).
+    pub fn job_prefix(&self) -> String {
+        format!("{}:job:", self.prefix)
     }
 
     /// `queue_pg:deadletter:queue`: one JSON entry per dead job.

@@ -1,0 +1,249 @@
+//! `queue.prometheus()`: the figures of `queue.metrics()`, the bridge and Redis in the Prometheus
+//! text exposition format (version 0.0.4), for a scrape endpoint or a textfile collector.
+
+use super::figures::{self, Outcomes, QueueFigures};
+use super::health::bridge_state;
+use super::metrics;
+use crate::bridge::shared;
+use pgrx::prelude::*;
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Builds the exposition: every family once, with its HELP and TYPE lines.
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (label, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{label}=\"{}\"", escape(v));
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {}", number(value));
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', r"\\")
+        .replace('"', r#"\""#)
+        .replace('\n', r"\n")
+}
+
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// A figure read from a struct.
+type Figure<T> = fn(&T) -> i64;
+
+const LIVE_STATES: [(&str, Figure<QueueFigures>); 6] = [
+    ("queued", |q| q.queued),
+    ("scheduled", |q| q.scheduled),
+    ("migrated", |q| q.migrated),
+    ("running", |q| q.running),
+    ("retry_scheduled", |q| q.retry_scheduled),
+    ("failed", |q| q.dead),
+];
+
+const OUTCOMES: [(&str, Figure<Outcomes>); 4] = [
+    ("completed", |o| o.completed),
+    ("retry_scheduled", |o| o.retried),
+    ("failed", |o| o.failed),
+    ("cancelled", |o| o.cancelled),
+];
+
+/// The metrics in Prometheus text format.
+#[pg_extern(volatile)]
+fn prometheus() -> String {
+    let (queues, redis) = metrics::collect();
+    let lag_ms = Spi::connect_mut(figures::bridge_lag_ms);
+    let bridge = shared::status();
+    let mut out = Exposition {
+        text: String::with_capacity(256 + queues.len() * 1500),
+    };
+
+    out.family(
+        "queue_pg_jobs",
+        "gauge",
+        "Jobs in Postgres by queue and state (live states, and failed: the dead letters).",
+    );
+    for q in &queues {
+        for (state, count) in LIVE_STATES {
+            out.sample(
+                "queue_pg_jobs",
+                &[("queue", &q.queue), ("state", state)],
+                count(q) as f64,
+            );
+        }
+    }
+    out.family(
+        "queue_pg_redis_list_jobs",
+        "gauge",
+        "Messages waiting in the queue's Redis list, by priority (absent while Redis is unreachable).",
+    );
+    for (q, lists) in queues.iter().zip(&redis.lists) {
+        for (p, priority) in ["high", "normal", "low"].iter().enumerate() {
+            let labels = [("queue", q.queue.as_str()), ("priority", priority)];
+            out.sample("queue_pg_redis_list_jobs", &labels, lists[p] as f64);
+        }
+    }
+    out.family(
+        "queue_pg_oldest_waiting_job_age_seconds",
+        "gauge",
+        "Age of the queue's oldest job waiting for a worker (queued or migrated); 0 when none waits.",
+    );
+    for q in &queues {
+        let labels = [("queue", q.queue.as_str())];
+        out.sample(
+            "queue_pg_oldest_waiting_job_age_seconds",
+            &labels,
+            q.oldest_age_s,
+        );
+    }
+    out.family(
+        "queue_pg_queue_paused",
+        "gauge",
+        "1 while the queue is paused.",
+    );
+    for q in &queues {
+        let labels = [("queue", q.queue.as_str())];
+        out.sample(
+            "queue_pg_queue_paused",
+            &labels,
+            f64::from(u8::from(q.paused)),
+        );
+    }
+    out.family(
+        "queue_pg_job_outcomes_total",
+        "counter",
+        "Jobs that entered the state: completed, retry_scheduled (a failed attempt to retry), failed (dead-lettered), cancelled.",
+    );
+    for q in &queues {
+        for (state, count) in OUTCOMES {
+            let labels = [("queue", q.queue.as_str()), ("state", state)];
+            out.sample(
+                "queue_pg_job_outcomes_total",
+                &labels,
+                count(&q.total) as f64,
+            );
+        }
+    }
+    out.family(
+        "queue_pg_job_outcomes_last_hour",
+        "gauge",
+        "The same outcomes over the last hour (by minute).",
+    );
+    for q in &queues {
+        for (state, count) in OUTCOMES {
+            let labels = [("queue", q.queue.as_str()), ("state", state)];
+            out.sample(
+                "queue_pg_job_outcomes_last_hour",
+                &labels,
+                count(&q.last_hour) as f64,
+            );
+        }
+    }
+
+    let now = SystemTime::now();
+    let now_us = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    let running = bridge_state(bridge.as_ref(), now_us) == "running";
+    out.family(
+        "queue_pg_bridge_up",
+        "gauge",
+        "1 while the bridge runs and completes cycles.",
+    );
+    out.sample("queue_pg_bridge_up", &[], f64::from(u8::from(running)));
+    out.family(
+        "queue_pg_bridge_lag_seconds",
+        "gauge",
+        "How long the oldest committed job not yet pushed to Redis has been waiting (paused queues excluded).",
+    );
+    out.sample("queue_pg_bridge_lag_seconds", &[], lag_ms as f64 / 1000.0);
+    if let Some(b) = &bridge {
+        if b.last_cycle_us > 0 {
+            out.family(
+                "queue_pg_bridge_last_cycle_timestamp_seconds",
+                "gauge",
+                "Unix time of the bridge's last finished cycle.",
+            );
+            let at = b.last_cycle_us as f64 / 1e6;
+            out.sample("queue_pg_bridge_last_cycle_timestamp_seconds", &[], at);
+        }
+        let totals = [
+            ("dispatched", "Jobs the bridge pushed to Redis since the server started.", b.dispatched_total),
+            ("retried", "Failed attempts scheduled for a retry, as the bridge applied them, since the server started.", b.retried_total),
+            ("dead_lettered", "Jobs moved to the dead-letter queue by the bridge since the server started.", b.dead_lettered_total),
+            ("errors", "Errors the bridge met (mostly Redis) since the server started.", b.errors_total),
+        ];
+        for (what, help, n) in totals {
+            let name = format!("queue_pg_bridge_{what}_total");
+            out.family(&name, "counter", help);
+            out.sample(&name, &[], n as f64);
+        }
+        out.family(
+            "queue_pg_bridge_redis_connected",
+            "gauge",
+            "1 while the bridge holds a working Redis connection.",
+        );
+        out.sample(
+            "queue_pg_bridge_redis_connected",
+            &[],
+            f64::from(u8::from(b.redis_connected)),
+        );
+    }
+
+    out.family(
+        "queue_pg_redis_up",
+        "gauge",
+        "1 if Redis answered this scrape's probe.",
+    );
+    out.sample(
+        "queue_pg_redis_up",
+        &[],
+        f64::from(u8::from(redis.error.is_none())),
+    );
+    let redis_gauges = [
+        (
+            "queue_pg_redis_memory_used_bytes",
+            "Memory Redis uses (INFO memory used_memory).",
+            redis.memory_used,
+        ),
+        (
+            "queue_pg_redis_maxmemory_bytes",
+            "Redis's maxmemory (0: no limit).",
+            redis.max_memory,
+        ),
+        (
+            "queue_pg_redis_connected_clients",
+            "Clients connected to Redis.",
+            redis.connected_clients,
+        ),
+    ];
+    for (name, help, value) in redis_gauges {
+        if let Some(v) = value {
+            out.family(name, "gauge", help);
+            out.sample(name, &[], v as f64);
+        }
+    }
+    out.text
+}
