@@ -139,3 +139,18 @@ def test_optimize_memory_with_redis_down_is_a_clear_error(db, r):
         optimize(db)
     assert time.monotonic() - start < 2
     assert "Redis" in str(err.value)
+
+
+def test_optimize_memory_runs_only_in_the_bridges_database(db, r):
+    r.hset(f"{PREFIX}:job:1", "status", "running")
+    db.execute("DROP DATABASE IF EXISTS qpg_other")
+    db.execute("CREATE DATABASE qpg_other")
+    try:
+        with psycopg.connect(db.info.dsn.replace("dbname=postgres", "dbname=qpg_other"), autocommit=True) as other:
+            other.execute("CREATE EXTENSION queue_pg")
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+                other.execute("SELECT queue.optimize_memory()")
+            assert 'must run in database "postgres"' in str(err.value)
+    finally:
+        db.execute("DROP DATABASE qpg_other")
+    assert r.ttl(f"{PREFIX}:job:1") == -1

@@ -14,15 +14,25 @@ export QPG_TEST_REDIS_PORT=${QPG_TEST_REDIS_PORT:-56389}
 
 scripts/setup.sh
 
-echo "==> cargo fmt --check, cargo clippy"
+echo "==> cargo fmt --check, cargo clippy (the extension and the Rust example worker)"
 cargo fmt --all -- --check
 cargo clippy --release --all-targets --quiet -- -D warnings
+cargo fmt --manifest-path examples/rust/Cargo.toml -- --check
+cargo clippy --manifest-path examples/rust/Cargo.toml --release --quiet -- -D warnings
 
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/pip freeze 2>/dev/null | grep -q "^pytest==8.3.4$"; then
-    echo "==> Python test dependencies (.venv)"
-    python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check -r pg_test/requirements.txt
+echo "==> Python test dependencies and the Python example's (.venv)"
+[ -x .venv/bin/pip ] || python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check -r pg_test/requirements.txt \
+    -r examples/python/requirements.txt
+
+echo "==> the Node.js and Rust example workers (npm ci, cargo build)"
+if ! command -v npm >/dev/null; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
 fi
+(cd examples/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+cargo build --manifest-path examples/rust/Cargo.toml --release --quiet
 
 # Whatever happens to pytest, stop the cluster and Redis it started.
 trap 'QPG_HOME=$QPG_TEST_HOME QPG_PGPORT=$QPG_TEST_PGPORT QPG_REDIS_PORT=$QPG_TEST_REDIS_PORT scripts/stack.sh down' EXIT

@@ -16,6 +16,8 @@ pub mod spi_plans;
 ::pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+// PL/pgSQL: a thin trigger over queue.enqueue(), whose checks and wake-up it reuses.
+extension_sql_file!("../sql/enqueue_row.sql", name = "enqueue_row");
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

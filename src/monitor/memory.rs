@@ -229,6 +229,21 @@ fn call<R>(
 /// pressure, and reports what it did. Each Redis call waits at most `queue.redis_timeout`.
 #[pg_extern(volatile)]
 fn optimize_memory() -> JsonB {
+    // The job hashes in Redis belong to the jobs of the bridge's database: judged from any other
+    // database, every one of them would look like a pruned job's.
+    let here = Spi::get_one::<String>("SELECT current_database()::text")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    if here != settings::database() {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "queue_pg: optimize_memory() must run in database \"{}\" (queue.database), not in \"{here}\"",
+                settings::database()
+            ),
+        );
+    }
     let url = settings::redis_url();
     let keys = Keys::new(settings::redis_prefix());
     let mut con =

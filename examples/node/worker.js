@@ -1,0 +1,107 @@
+// A queue_pg worker in Node.js (ioredis + pg), following the spec's worker loop:
+//
+//   BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
+//
+//   npm ci
+//   DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
+//   REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports node worker.js
+//
+// Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so
+// make handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL,
+// QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
+// SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
+// and so retried later, instead of completed).
+'use strict';
+
+const Redis = require('ioredis');
+const { Client } = require('pg');
+
+const DATABASE_URL = process.env.DATABASE_URL || 'postgresql://postgres@127.0.0.1:5432/postgres';
+const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
+const QUEUES = (process.env.QUEUES || 'default').split(',').filter(Boolean);
+const PREFIX = process.env.QUEUE_PG_PREFIX || 'queue_pg';
+const SHUTDOWN_GRACE_MS = 1000 * Number(process.env.SHUTDOWN_GRACE_S || '10');
+
+// Your work goes here: return (or resolve to) a JSON-serialisable result, or throw (reject) to
+// fail the attempt; the error's message becomes the job's error. This example's handler
+// understands {"sleep": seconds} and {"fail": "message"}, so the test suite can drive it.
+async function handle(jobId, attempt, payload) {
+  if (payload && typeof payload === 'object') {
+    if (payload.sleep) await new Promise((resolve) => setTimeout(resolve, payload.sleep * 1000));
+    if (payload.fail) throw new Error(payload.fail);
+  }
+  return { worker: 'node', attempt };
+}
+
+const log = (message) => console.error(`[node worker ${process.pid}] ${message}`);
+
+let stopping = false;
+let onStop = () => {};
+const stopped = new Promise((resolve) => { onStop = resolve; });
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => {
+    log(`${signal}: finishing the job in hand, then stopping`);
+    stopping = true;
+    onStop();
+  });
+}
+
+async function run(db, jobId, attempt, payload, leaseSeconds) {
+  // Extend the lease every third of it while the handler runs.
+  const heartbeat = setInterval(() => {
+    db.query('SELECT queue.heartbeat($1, attempt => $2)', [jobId, attempt])
+      .catch((e) => log(`heartbeat for job ${jobId} failed: ${e.message}`));
+  }, Math.max(leaseSeconds / 3, 0.5) * 1000);
+  const work = Promise.resolve()
+    .then(() => handle(jobId, attempt, payload))
+    .then((result) => ({ result }), (e) => ({ error: `${(e && e.name) || 'Error'}: ${(e && e.message) || e}` }));
+  // After SIGTERM the handler has SHUTDOWN_GRACE_S more; then the attempt fails (and is retried).
+  const graceOver = stopped.then(() => new Promise((resolve) => {
+    setTimeout(resolve, SHUTDOWN_GRACE_MS, { error: 'worker shut down (SIGTERM) before the job finished' });
+  }));
+  const outcome = await Promise.race([work, graceOver]);
+  clearInterval(heartbeat);
+  try {
+    if ('error' in outcome) {
+      await db.query('SELECT queue.fail($1, $2, $3)', [jobId, outcome.error, attempt]);
+    } else {
+      await db.query('SELECT queue.complete($1, $2, $3)', [jobId, JSON.stringify(outcome.result ?? null), attempt]);
+    }
+  } catch (e) {
+    // 55000: cancelled meanwhile, or the lease expired and the job moved on: nothing to report.
+    if (e.code !== '55000') throw e;
+    log(`job ${jobId}: ${e.message}`);
+  }
+}
+
+async function main() {
+  const keys = [];
+  for (const priority of ['high', 'normal', 'low']) {
+    for (const queue of QUEUES) keys.push(`${PREFIX}:{${queue}}:${priority}`);
+  }
+  const redis = new Redis(REDIS_URL);
+  const db = new Client({ connectionString: DATABASE_URL });
+  await db.connect();
+  console.log('ready');
+  while (!stopping) {
+    const popped = await redis.brpop(...keys, 1); // short, so SIGTERM is noticed within a second
+    if (!popped) continue;
+    const message = JSON.parse(popped[1]);
+    const { rows } = await db.query(
+      'SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 AS lease_s FROM queue.start($1)',
+      [message.id],
+    );
+    if (rows.length === 0) continue; // cancelled, finished, held by another worker, or a stale duplicate
+    const job = rows[0];
+    await run(db, job.id, job.attempt, job.payload, job.lease_s);
+  }
+  redis.disconnect();
+  await db.end();
+  log('stopped');
+  process.exit(0); // a handler abandoned after the grace period may still hold timers
+}
+
+main().catch((e) => {
+  log(`fatal: ${e.stack || e}`);
+  process.exit(1);
+});

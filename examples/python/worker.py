@@ -1,0 +1,126 @@
+"""A queue_pg worker in Python (redis-py + psycopg 3), following the spec's worker loop:
+
+    BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
+
+    pip install -r requirements.txt
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
+    REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports python worker.py
+
+Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so make
+handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL, QUEUES
+(comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
+SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
+and so retried later, instead of completed).
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import psycopg
+import redis
+from psycopg.types.json import Jsonb
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+QUEUES = [q for q in os.environ.get("QUEUES", "default").split(",") if q]
+PREFIX = os.environ.get("QUEUE_PG_PREFIX", "queue_pg")
+SHUTDOWN_GRACE_S = float(os.environ.get("SHUTDOWN_GRACE_S", "10"))
+
+
+def handle(job_id, attempt, payload):
+    """Your work goes here: return a JSON-serialisable result, or raise to fail the attempt
+    (the exception's text becomes the job's error). This example's handler understands
+    {"sleep": seconds} and {"fail": "message"}, so the test suite can drive it."""
+    if isinstance(payload, dict):
+        if "sleep" in payload:
+            time.sleep(payload["sleep"])
+        if "fail" in payload:
+            raise RuntimeError(payload["fail"])
+    return {"worker": "python", "attempt": attempt}
+
+
+stopping = threading.Event()
+
+
+def on_signal(signum, _frame):
+    log(f"{signal.Signals(signum).name}: finishing the job in hand, then stopping")
+    stopping.set()
+
+
+def log(message):
+    print(f"[python worker {os.getpid()}] {message}", file=sys.stderr, flush=True)
+
+
+def heartbeat_until(done, job_id, attempt, lease_s):
+    """Extends the lease every third of it until `done` is set (its own connection)."""
+    interval = max(lease_s / 3, 0.5)
+    with psycopg.connect(DATABASE_URL, autocommit=True) as db:
+        while not done.wait(interval):
+            try:
+                db.execute("SELECT queue.heartbeat(%s, attempt => %s)", (job_id, attempt))
+            except psycopg.Error as e:  # cancelled, or the lease was lost: the end will say so
+                log(f"heartbeat for job {job_id} failed: {e}")
+                return
+
+
+def run(db, job_id, attempt, payload, lease_s):
+    outcome = {}
+
+    def work():
+        try:
+            outcome["result"] = handle(job_id, attempt, payload)
+        except Exception as e:  # noqa: BLE001 - any failure of the handler fails the attempt
+            outcome["error"] = f"{type(e).__name__}: {e}"
+
+    done = threading.Event()
+    worker = threading.Thread(target=work, daemon=True)
+    beat = threading.Thread(target=heartbeat_until, args=(done, job_id, attempt, lease_s), daemon=True)
+    worker.start()
+    beat.start()
+    deadline = None
+    while worker.is_alive():
+        worker.join(0.1)
+        if stopping.is_set() and deadline is None:
+            deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        if deadline is not None and time.monotonic() > deadline and worker.is_alive():
+            outcome = {"error": "worker shut down (SIGTERM) before the job finished"}
+            break
+    done.set()
+    try:
+        if "error" in outcome:
+            db.execute("SELECT queue.fail(%s, %s, %s)", (job_id, outcome["error"], attempt))
+        else:
+            db.execute("SELECT queue.complete(%s, %s, %s)", (job_id, Jsonb(outcome["result"]), attempt))
+    except psycopg.errors.ObjectNotInPrerequisiteState as e:
+        # Cancelled meanwhile, or the lease expired and the job moved on: nothing to report.
+        log(f"job {job_id}: {e}")
+
+
+def main():
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    keys = [f"{PREFIX}:{{{q}}}:{p}" for p in ("high", "normal", "low") for q in QUEUES]
+    r = redis.Redis.from_url(REDIS_URL)
+    with psycopg.connect(DATABASE_URL, autocommit=True) as db:
+        print("ready", flush=True)
+        while not stopping.is_set():
+            popped = r.brpop(keys, timeout=1)  # short, so SIGTERM is noticed within a second
+            if popped is None:
+                continue
+            message = json.loads(popped[1])
+            row = db.execute(
+                "SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 "
+                "FROM queue.start(%s)", (message["id"],)).fetchone()
+            if row is None:
+                continue  # cancelled, finished, held by another worker, or a stale duplicate
+            run(db, *row)
+    r.close()
+    log("stopped")
+
+
+if __name__ == "__main__":
+    main()

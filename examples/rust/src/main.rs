@@ -1,0 +1,163 @@
+//! A queue_pg worker in Rust (redis + postgres crates), following the spec's worker loop:
+//!
+//!   BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
+//!
+//!   cargo build --release
+//!   DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
+//!   REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports target/release/queue-pg-worker
+//!
+//! Put your work in `handle()`. Delivery is at-least-once: a job may run again after a crash, so
+//! make `handle()` safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL,
+//! QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX
+//! (queue_pg), SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it
+//! is failed, and so retried later, instead of completed).
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls};
+use serde_json::{json, Value};
+use std::env;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Your work goes here: return a JSON result, or an error to fail the attempt (its text becomes
+/// the job's error). This example's handler understands `{"sleep": seconds}` and
+/// `{"fail": "message"}`, so the test suite can drive it.
+fn handle(_job_id: i64, attempt: i32, payload: &Value) -> Result<Value, Error> {
+    if let Some(seconds) = payload.get("sleep").and_then(Value::as_f64) {
+        thread::sleep(Duration::from_secs_f64(seconds));
+    }
+    if let Some(message) = payload.get("fail").and_then(Value::as_str) {
+        return Err(message.into());
+    }
+    Ok(json!({"worker": "rust", "attempt": attempt}))
+}
+
+fn setting(name: &str, default: &str) -> String {
+    env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn log(message: &str) {
+    eprintln!("[rust worker {}] {message}", std::process::id());
+}
+
+struct Job {
+    id: i64,
+    attempt: i32,
+    payload: Value,
+    lease: Duration,
+}
+
+/// Runs the handler on its own thread; meanwhile extends the lease every third of it, and after
+/// SIGTERM gives it `grace` more before failing the attempt. Then reports the outcome.
+fn run(db: &mut Client, job: Job, stopping: &AtomicBool, grace: Duration) -> Result<(), Error> {
+    let (done, outcome) = mpsc::channel();
+    let payload = job.payload.clone();
+    let (id, attempt) = (job.id, job.attempt);
+    thread::spawn(move || {
+        let _ = done.send(handle(id, attempt, &payload).map_err(|e| e.to_string()));
+    });
+    let beat_every = (job.lease / 3).max(Duration::from_millis(500));
+    let mut next_beat = Instant::now() + beat_every;
+    let mut deadline = None;
+    let outcome = loop {
+        match outcome.recv_timeout(Duration::from_millis(100)) {
+            Ok(outcome) => break outcome,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Err("the handler panicked".into()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() >= next_beat {
+            next_beat += beat_every;
+            if let Err(e) = db.execute(
+                "SELECT queue.heartbeat($1, attempt => $2)",
+                &[&id, &attempt],
+            ) {
+                log(&format!("heartbeat for job {id} failed: {e}"));
+            }
+        }
+        if stopping.load(Ordering::Relaxed) {
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + grace);
+            if Instant::now() >= deadline {
+                // The handler thread is abandoned; the process exits soon.
+                break Err("worker shut down (SIGTERM) before the job finished".into());
+            }
+        }
+    };
+    let reported = match &outcome {
+        Ok(result) => db.execute(
+            "SELECT queue.complete($1, $2, $3)",
+            &[&id, result, &attempt],
+        ),
+        Err(error) => db.execute("SELECT queue.fail($1, $2, $3)", &[&id, error, &attempt]),
+    };
+    match reported {
+        Ok(_) => Ok(()),
+        // Cancelled meanwhile, or the lease expired and the job moved on: nothing to report.
+        Err(e) if e.code() == Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) => {
+            log(&format!("job {id}: {e}"));
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn main() -> Result<(), Error> {
+    let database_url = setting(
+        "DATABASE_URL",
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+    );
+    let redis_url = setting("REDIS_URL", "redis://127.0.0.1:6379");
+    let prefix = setting("QUEUE_PG_PREFIX", "queue_pg");
+    let grace = Duration::from_secs_f64(setting("SHUTDOWN_GRACE_S", "10").parse()?);
+    let queues: Vec<String> = setting("QUEUES", "default")
+        .split(',')
+        .filter(|q| !q.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let mut keys = Vec::new();
+    for priority in ["high", "normal", "low"] {
+        for queue in &queues {
+            keys.push(format!("{prefix}:{{{queue}}}:{priority}"));
+        }
+    }
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stopping))?;
+    }
+    let mut db = Client::connect(&database_url, NoTls)?;
+    let mut redis = redis::Client::open(redis_url)?.get_connection()?;
+    println!("ready");
+
+    while !stopping.load(Ordering::Relaxed) {
+        // Short, so SIGTERM is noticed within a second.
+        let popped: Option<(String, String)> =
+            redis::cmd("BRPOP").arg(&keys).arg(1).query(&mut redis)?;
+        let Some((_, message)) = popped else { continue };
+        let message: Value = serde_json::from_str(&message)?;
+        let Some(id) = message["id"].as_i64() else {
+            log(&format!("skipping a message without an id: {message}"));
+            continue;
+        };
+        let row = db.query_opt(
+            "SELECT attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 \
+             FROM queue.start($1)",
+            &[&id],
+        )?;
+        // No row: cancelled, finished, held by another worker, or a stale duplicate.
+        let Some(row) = row else { continue };
+        let job = Job {
+            id,
+            attempt: row.get(0),
+            payload: row.get(1),
+            lease: Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0)),
+        };
+        run(&mut db, job, &stopping, grace)?;
+    }
+    log("stopped");
+    // A handler abandoned after the grace period may still be running: end the process now.
+    std::process::exit(0);
+}
