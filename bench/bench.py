@@ -4,7 +4,7 @@
     the same row into a plain table with the same columns, constraints and indexes.
 (b) commit-to-Redis latency at a steady 1,000 jobs/s (pgbench --rate), measured from the
     enqueueing statement's clock_timestamp() (so it includes the commit itself) to the moment a
-    BRPOP consumer receives the message.
+    BRPOP consumer receives the message; then again with 200,000 jobs waiting in a paused queue.
 (c) drain: a backlog of 100,000 committed jobs, from resume() to the last one in Redis, against
     pushing the same 100,000 messages straight to Redis from a pipelined client (no Postgres).
 (e) monitoring: health(), metrics() and prometheus() latency with 100 queues and 1,000,000 rows
@@ -116,8 +116,15 @@ def bench_enqueue(conn, r, seconds):
     return ratios
 
 
-def bench_latency(conn, r, seconds, rate=1000):
+def bench_latency(conn, r, seconds, rate=1000, paused_backlog=0):
     reset(conn, r)
+    if paused_backlog:
+        conn.execute("SELECT queue.pause('parked')")
+        for start in range(0, paused_backlog, 50_000):
+            conn.execute("SELECT count(*) FROM queue.enqueue_many('parked', "
+                         "(SELECT jsonb_agg(g) FROM generate_series(%s::int, %s::int) g))",
+                         (start + 1, min(start + 50_000, paused_backlog)))
+        conn.execute("VACUUM ANALYZE queue.jobs")
     latencies = []
     stop = threading.Event()
 
@@ -138,7 +145,8 @@ def bench_latency(conn, r, seconds, rate=1000):
     consumer.join()
     lat = sorted(x * 1000 for x in latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-    print(f"\n(b) commit-to-Redis latency at {rate} jobs/s for {seconds} s ({tps:.0f} tx/s achieved, {len(lat)} jobs)")
+    backlog = f", {paused_backlog:,} jobs waiting in a paused queue" if paused_backlog else ""
+    print(f"\n(b) commit-to-Redis latency at {rate} jobs/s for {seconds} s{backlog} ({tps:.0f} tx/s achieved, {len(lat)} jobs)")
     print(f"    p50 {p(0.50):.2f} ms   p90 {p(0.90):.2f} ms   p99 {p(0.99):.2f} ms   max {lat[-1]:.2f} ms")
     return p(0.50), p(0.99)
 
@@ -256,7 +264,9 @@ def main():
     if args.only in (None, "enqueue"):
         bench_enqueue(conn, r, args.seconds)
     if args.only in (None, "latency"):
-        bench_latency(conn, r, max(args.seconds, 10))
+        _, p99 = bench_latency(conn, r, max(args.seconds, 10))
+        _, p99_parked = bench_latency(conn, r, max(args.seconds, 10), paused_backlog=200_000)
+        print(f"    ratio p99 without / with the paused backlog: {p99 / p99_parked:.2f}")
     if args.only in (None, "drain"):
         bench_drain(conn, r)
     if args.only in (None, "monitoring"):

@@ -187,3 +187,46 @@ def test_idle_bridge_sleeps(db, r):
     time.sleep(2)
     used = (cpu_ticks() - before) / os.sysconf("SC_CLK_TCK")
     assert used < 0.2, f"the idle bridge used {used:.2f} s of CPU in 2 s"
+
+
+def test_a_paused_backlog_does_not_hold_up_other_queues(db, r):
+    # The bridge reads queued jobs from the lowest id that became queued since its last cycle,
+    # not from the start: the paused backlog below is not walked again for every later commit.
+    db.execute("SELECT queue.pause('backlog')")
+    db.execute("SELECT count(*) FROM queue.enqueue_many('backlog', "
+               "(SELECT jsonb_agg(g) FROM generate_series(1, 20000) g))")
+    small = [db.execute("SELECT queue.enqueue('small', %s)", (str(i),)).fetchone()[0] for i in range(50)]
+    wait_for(lambda: r.llen(list_key("small")) == 50)
+    assert list_ids(r, "small") == small
+    assert r.llen(list_key("backlog")) == 0
+    db.execute("SELECT queue.resume('backlog')")  # every id counts again, however low
+    wait_for(lambda: r.llen(list_key("backlog")) == 20000, timeout=30)
+
+
+def test_jobs_that_become_queued_again_below_the_scan_position_are_dispatched(db, r):
+    dead = db.execute("SELECT queue.enqueue('again', '\"dead\"', max_attempts => 1)").fetchone()[0]
+    later = db.execute("SELECT queue.enqueue('again', '\"scheduled\"', run_at => now() + interval '1 second')").fetchone()[0]
+    wait_for(lambda: r.llen(list_key("again")) == 1)
+    assert json.loads(r.rpop(list_key("again")))["id"] == dead
+    db.execute("SELECT * FROM queue.start(%s)", (dead,))
+    db.execute("SELECT queue.fail(%s, 'boom')", (dead,))
+    newer = [db.execute("SELECT queue.enqueue('again', %s)", (str(i),)).fetchone()[0] for i in range(5)]
+    wait_for(lambda: r.llen(list_key("again")) == 5)
+    # Lower ids than everything dispatched since: a replayed job and a promoted scheduled job.
+    db.execute("SELECT queue.replay_dead(%s)", (dead,))
+    wait_for(lambda: r.llen(list_key("again")) == 7, timeout=5)
+    assert sorted(list_ids(r, "again")) == sorted(newer + [dead, later])
+
+
+def test_jobs_made_queued_by_hand_are_dispatched_by_the_periodic_sweep(db, r):
+    db.execute("SELECT queue.enqueue('byhand', '1')")
+    wait_for(lambda: r.llen(list_key("byhand")) == 1)
+    # Not through the API: nothing tells the bridge; its sweep (every 10 s) finds the jobs, also
+    # across a gap of a billion ids.
+    insert = ("INSERT INTO queue.jobs (queue_name, payload, status, max_attempts) "
+              "VALUES ('byhand', '2', 'queued', 5) RETURNING id")
+    low = db.execute(insert).fetchone()[0]
+    db.execute("SELECT setval('queue.jobs_id_seq', 1000000000)")
+    high = db.execute(insert).fetchone()[0]
+    wait_for(lambda: r.llen(list_key("byhand")) == 3, timeout=15, interval=0.2)
+    assert list_ids(r, "byhand")[1:] == [low, high]

@@ -4,7 +4,7 @@
 use super::errors::{null_argument, unknown_job};
 use super::jobs::id_was_issued;
 use super::validate;
-use crate::bridge::wake::wake_on_commit;
+use crate::bridge::wake::{wake_on_commit, wake_on_commit_queued};
 use crate::spi_plans::{self, types::INT8};
 use pgrx::prelude::*;
 
@@ -30,8 +30,8 @@ fn pause(queue_name: Option<&str>) {
 #[pg_extern(volatile)]
 fn resume(queue_name: Option<&str>) {
     set_paused(queue_name, false);
-    // The queue's waiting jobs can go now: wake the bridge when this commits.
-    wake_on_commit();
+    // The queue's waiting jobs can go now, whatever their ids: wake the bridge when this commits.
+    wake_on_commit_queued(0);
 }
 
 const CANCEL: &str = "

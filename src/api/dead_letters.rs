@@ -5,7 +5,7 @@
 use super::errors::{invalid_argument, null_argument, wrong_state};
 use super::jobs::status_of;
 use super::validate;
-use crate::bridge::wake::wake_on_commit;
+use crate::bridge::wake::wake_on_commit_queued;
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 
@@ -29,20 +29,23 @@ const REPLAY: &str = "
     RETURNING job_id";
 
 fn replay(id: Option<i64>, queue_name: Option<&str>, max_jobs: i64) -> usize {
-    let n = Spi::connect_mut(|client| {
+    let ids: Vec<i64> = Spi::connect_mut(|client| {
         client
             .update(
                 REPLAY,
                 None,
                 &[id.into(), queue_name.into(), max_jobs.into()],
             )
-            .map(|t| t.len())
+            .map(|rows| {
+                rows.filter_map(|r| r.get::<i64>(1).ok().flatten())
+                    .collect()
+            })
     })
     .unwrap_or_else(|e| pgrx::error!("queue_pg: replay failed: {e}"));
-    if n > 0 {
-        wake_on_commit();
+    if let Some(&first) = ids.iter().min() {
+        wake_on_commit_queued(first);
     }
-    n
+    ids.len()
 }
 
 /// That dead job, and only that one, goes back to `queued`.

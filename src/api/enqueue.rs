@@ -4,7 +4,7 @@
 use super::errors::invalid_argument;
 use super::raw_jsonb::RawJsonb;
 use super::validate;
-use crate::bridge::wake::wake_on_commit;
+use crate::bridge::wake::wake_on_commit_queued;
 use crate::settings;
 use crate::spi_plans::types::{INT4, JSONB, TEXT, TIMESTAMPTZ};
 use crate::spi_plans::with_plan;
@@ -87,11 +87,12 @@ fn enqueue(
                     .get_one::<i64>()
             })
         });
-        wake_on_commit();
-        return id
+        let id = id
             .ok()
             .flatten()
             .expect("INSERT … RETURNING id returned no row");
+        wake_on_commit_queued(id);
+        return id;
     };
 
     let mut args = Vec::from(args);
@@ -110,7 +111,7 @@ fn enqueue(
             })
         });
         if let Ok(Some(id)) = inserted {
-            wake_on_commit();
+            wake_on_commit_queued(id);
             return id;
         }
         let existing = Spi::connect_mut(|client| {
@@ -172,8 +173,8 @@ fn enqueue_many(
         )
     })
     .unwrap_or_else(|e| pgrx::error!("queue_pg: enqueue_many failed: {e}"));
-    if !ids.is_empty() {
-        wake_on_commit();
+    if let Some(&first) = ids.iter().min() {
+        wake_on_commit_queued(first);
     }
     SetOfIterator::new(ids)
 }

@@ -39,6 +39,20 @@ const READ_BATCH: &str = r#"
     ORDER BY j.id
     LIMIT $1"#;
 
+/// Ids per step of the sweep for queued jobs that nothing announced (see `worker`).
+pub const SWEEP_IDS: i64 = 5000;
+
+// From the first queued id above $1 (gaps in the ids are skipped), $2 ids: the lowest queued id
+// of an unpaused queue among them, and the last id of the range (NULL when no id above $1 is
+// queued: the sweep is done). Reads only the queued jobs' index, over a bounded range.
+const SWEEP: &str = "
+    WITH first AS (SELECT min(id) AS id FROM queue.jobs WHERE status = 'queued' AND id > $1)
+    SELECT (SELECT min(j.id) FROM queue.jobs j, first
+            WHERE j.status = 'queued' AND j.id >= first.id AND j.id < first.id + $2
+              AND NOT EXISTS (SELECT 1 FROM queue.queues q
+                              WHERE q.queue_name = j.queue_name AND q.paused)),
+           (SELECT id + $2 - 1 FROM first)";
+
 // Only jobs still `queued`: one that a worker already started (it may pop a job before this
 // mark) or that was cancelled meanwhile keeps the state its own transaction gave it. SKIP LOCKED:
 // the bridge never waits for a worker's transaction, so it can never be part of a deadlock with
@@ -68,6 +82,19 @@ pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {
     )
     .map(|_| ())
     .unwrap_or_else(|e| panic!("queue_pg bridge: marking jobs migrated failed: {e}"));
+}
+
+/// One step of the sweep after id `after`: the lowest id there that dispatch should read from,
+/// if any, and where the next step goes on from (None: the sweep is done).
+pub fn sweep_step(client: &mut SpiClient<'_>, after: i64) -> (Option<i64>, Option<i64>) {
+    let args = [after.into(), SWEEP_IDS.into()];
+    with_plan(client, SWEEP, &[INT8, INT8], |client, plan| {
+        client
+            .select(plan, Some(1), &args)?
+            .first()
+            .get_two::<i64, i64>()
+    })
+    .unwrap_or_else(|e| panic!("queue_pg bridge: sweeping queued jobs failed: {e}"))
 }
 
 /// Reads up to `limit` queued jobs of unpaused queues with ids above `after_id`, oldest first.

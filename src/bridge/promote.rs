@@ -15,18 +15,22 @@ const PROMOTE_DUE: &str = "
         WHERE status IN ('scheduled', 'retry_scheduled') AND run_at <= now()
         ORDER BY run_at
         LIMIT $1
-        FOR UPDATE SKIP LOCKED)
-    UPDATE queue.jobs j SET status = 'queued', updated_at = now()
-    FROM due WHERE j.id = due.id";
+        FOR UPDATE SKIP LOCKED),
+    promoted AS (
+        UPDATE queue.jobs j SET status = 'queued', updated_at = now()
+        FROM due WHERE j.id = due.id
+        RETURNING j.id)
+    SELECT min(id) FROM promoted";
 
 const NEXT_DUE: &str = "
     SELECT (EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp())) * 1000)::bigint
     FROM queue.jobs WHERE status IN ('scheduled', 'retry_scheduled')";
 
-/// Promotes due jobs; returns how many. Runs inside the caller's transaction.
-pub fn promote_due(client: &mut SpiClient<'_>) -> usize {
+/// Promotes due jobs; returns the lowest id promoted, if any. Runs inside the caller's
+/// transaction.
+pub fn promote_due(client: &mut SpiClient<'_>) -> Option<i64> {
     spi_plans::update(client, PROMOTE_DUE, &[INT8], None, &[PROMOTE_LIMIT.into()])
-        .map(|t| t.len())
+        .and_then(|t| t.first().get_one::<i64>())
         .unwrap_or_else(|e| panic!("queue_pg bridge: promoting due jobs failed: {e}"))
 }
 

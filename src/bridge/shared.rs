@@ -20,6 +20,9 @@ pub struct BridgeShared {
     dead_lettered_total: AtomicU64,
     errors_total: AtomicU64,
     redis_connected: AtomicBool,
+    /// The lowest id that committed transactions made `queued` since the bridge last looked
+    /// (i64::MAX: none; 0, the start value, means from the beginning).
+    queued_from: AtomicI64,
 }
 
 unsafe impl PGRXSharedMemory for BridgeShared {}
@@ -90,6 +93,18 @@ pub fn clear_bridge_process() {
         s.pid.store(0, Ordering::Release);
         s.redis_connected.store(false, Ordering::Relaxed);
     }
+}
+
+/// Called at commit by a transaction that made jobs from `id` up `queued`. Never raises.
+pub fn note_queued_from(id: i64) {
+    if let Some(s) = shared() {
+        s.queued_from.fetch_min(id, Ordering::AcqRel);
+    }
+}
+
+/// The lowest id made `queued` by transactions that committed since the last call.
+pub fn take_queued_from() -> i64 {
+    shared().map_or(0, |s| s.queued_from.swap(i64::MAX, Ordering::AcqRel))
 }
 
 pub fn record_cycle(now_us: i64) {

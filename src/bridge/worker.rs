@@ -2,6 +2,14 @@
 //! by batch, then sleep on the latch until a commit wakes it, the next scheduled job falls due,
 //! a Redis retry is due, or `queue.poll_interval` passes.
 //!
+//! Where a cycle reads queued jobs from: not from the lowest id, which would mean walking past
+//! every job of a paused queue on every cycle, but from the lowest id that became `queued` since
+//! the last cycle. Backends publish that id at commit (`wake`); the bridge's own promotions and
+//! re-dispatches lower it themselves; after a cycle that did not drain (Redis failed) the next
+//! starts where this one did. Jobs made `queued` by other means (a prepared transaction committed
+//! later, a hand-written UPDATE) are found by a sweep that starts every `SWEEP_INTERVAL` and
+//! looks at `dispatch::SWEEP_IDS` ids per cycle, so that no cycle walks a whole paused backlog.
+//!
 //! Exit paths: SIGTERM or postmaster death end the loop (exit code 1, so that a terminated bridge
 //! is started again; at shutdown nothing is restarted); an ERROR
 //! (or panic) exits with a failure and the postmaster restarts the bridge after its restart time.
@@ -77,6 +85,13 @@ struct Bridge {
     last_maintenance: Instant,
     /// How far each list had been popped, tick by tick (for `queue.start_timeout`).
     pops: rescue::PopHistory,
+    /// Every queued job of an unpaused queue below this id is in Redis, except those published
+    /// in shared memory since (i64::MAX: all are; 0: read from the start).
+    scan_from: i64,
+    /// Where the sweep for unannounced queued jobs goes on from (None: not sweeping).
+    sweep: Option<i64>,
+    /// When the last sweep started.
+    last_sweep: Instant,
     /// When `queue.stats` minutes were last folded into totals (None: not yet).
     last_fold: Option<Instant>,
     memory: MemoryTask,
@@ -89,6 +104,11 @@ struct Step {
     next_due_in: Option<Duration>,
     /// Pending Redis changes (read by the first step of a cycle).
     changes: Vec<sync::Change>,
+    /// The lowest id below the scan position that the first step found queued: promoted from
+    /// scheduled or retrying, or found by the sweep.
+    also_from: Option<i64>,
+    /// Where the sweep goes on from after this cycle's step (None: done).
+    sweep_next: Option<i64>,
 }
 
 /// Runs `f` in a transaction of its own with an SPI connection.
@@ -109,6 +129,9 @@ fn extension_present(client: &mut SpiClient<'_>) -> bool {
     .unwrap_or(false)
 }
 
+/// How often a sweep for unannounced queued jobs starts (see the module doc).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How often `queue.stats` minutes that left the last hour are folded into the totals.
 const STATS_FOLD_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -126,6 +149,9 @@ impl Bridge {
             extension_present: None,
             last_maintenance: Instant::now(),
             pops: rescue::PopHistory::default(),
+            scan_from: 0,
+            sweep: None,
+            last_sweep: Instant::now(),
             last_fold: None,
             memory: MemoryTask::default(),
         }
@@ -155,18 +181,28 @@ impl Bridge {
         let mut changes = Vec::new();
         let mut changes_applied = false;
 
+        let mut from = self.read_from();
+        let sweep = self.sweep;
         let mut first = true;
         let mut to_mark = Pushed::default();
         let mut in_flight = None;
-        let mut after_id = 0;
+        let mut after_id = from.saturating_sub(1);
         // Read another batch only after a full one: a partial batch means the backlog is empty.
         let mut read_more = true;
         loop {
             let read = redis_ok && read_more && !shutdown_requested();
             let marking = std::mem::take(&mut to_mark);
-            let step =
-                in_transaction(|client| Self::step(client, first, marking, read, after_id, limit));
+            let step_sweep = sweep.filter(|_| first);
+            let step = in_transaction(|client| {
+                Self::step(client, first, marking, read, after_id, limit, step_sweep)
+            });
             self.note_extension(step.extension_present);
+            if let Some(also) = step.also_from {
+                from = from.min(also);
+            }
+            if step_sweep.is_some() {
+                self.sweep = step.sweep_next;
+            }
             if first && !step.changes.is_empty() {
                 // State changes go to Redis before this cycle's pushes, so that a job hash
                 // written by dispatch (`migrated`) is not overwritten by an older state.
@@ -202,6 +238,13 @@ impl Bridge {
                 break;
             }
         }
+        // Drained: every queued job of an unpaused queue is in Redis now, except those that
+        // commits publish from here on. Otherwise the next cycle starts where this one did.
+        self.scan_from = if redis_ok && !shutdown_requested() {
+            i64::MAX
+        } else {
+            from
+        };
         if changes_applied {
             self.sync(changes);
         }
@@ -210,6 +253,16 @@ impl Bridge {
         }
         shared::record_cycle(unix_micros());
         sleep
+    }
+
+    /// The lowest id this cycle reads queued jobs from (see the module doc).
+    /// Also starts a sweep when one is due.
+    fn read_from(&mut self) -> i64 {
+        if self.sweep.is_none() && self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+            self.last_sweep = Instant::now();
+            self.sweep = Some(0);
+        }
+        shared::take_queued_from().min(self.scan_from)
     }
 
     /// Deletes changes already applied to Redis; then applies and deletes more while the outbox
@@ -288,6 +341,7 @@ impl Bridge {
         let due = self.pops.observe(&lists, &popped, timeout);
         let n = in_transaction(|client| rescue::redispatch_unstarted(client, &lists, &due));
         if n > 0 {
+            self.scan_from = 0;
             log!("queue_pg bridge: {n} jobs were popped but not started within queue.start_timeout; dispatching them again");
         }
     }
@@ -307,6 +361,7 @@ impl Bridge {
                     extension_present(client).then(|| rescue::requeue_all_migrated(client))
                 });
                 if let Some(n) = n.filter(|&n| n > 0) {
+                    self.scan_from = 0;
                     warning!("queue_pg bridge: Redis lost its data; dispatching {n} jobs again");
                 }
                 true
@@ -334,25 +389,37 @@ impl Bridge {
         read: bool,
         after_id: i64,
         limit: usize,
+        sweep: Option<i64>,
     ) -> Step {
         let mut step = Step {
             extension_present: true,
             batch: Vec::new(),
             next_due_in: None,
             changes: Vec::new(),
+            also_from: None,
+            sweep_next: None,
         };
         if first {
             step.extension_present = extension_present(client);
             if !step.extension_present {
                 return step;
             }
-            promote::promote_due(client);
+            step.also_from = promote::promote_due(client);
+            if let Some(pos) = sweep {
+                let (found, next) = dispatch::sweep_step(client, pos);
+                step.also_from = step.also_from.into_iter().chain(found).min();
+                step.sweep_next = next;
+            }
             if read {
                 step.changes = sync::read_changes(client, SYNC_BATCH);
             }
         }
         dispatch::mark_migrated(client, acknowledged);
         if read {
+            let after_id = match step.also_from {
+                Some(also) => after_id.min(also - 1),
+                None => after_id,
+            };
             step.batch = dispatch::read_batch(client, after_id, limit);
         }
         if step.batch.is_empty() {
