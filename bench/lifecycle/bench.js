@@ -24,6 +24,14 @@ const quietPool = (config) => {
   return pool;
 };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const fs = require("fs");
+// CPU seconds (user + system) the bridge process has used so far.
+async function bridgeCpu(admin) {
+  const { rows } = await admin.query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'queue_pg bridge'");
+  if (!rows.length) return 0;
+  const fields = fs.readFileSync(`/proc/${rows[0].pid}/stat`, "utf8").split(") ")[1].split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
 
 async function waitFor(pred) {
   while (!(await pred())) await sleep(5);
@@ -66,18 +74,20 @@ async function queuePg(admin, workers, batchAck) {
     }
   };
   const loops = redises.map(loop);
+  const cpu0 = await bridgeCpu(admin);
   const t0 = process.hrtime.bigint();
   await enqueueAll(admin, "SELECT count(*) FROM queue.enqueue_many('bench', (SELECT jsonb_agg(jsonb_build_object('n', g)) FROM generate_series(1, 100) g))");
   // Count acknowledgements in the workers; then check Postgres agrees.
   await waitFor(async () => done >= N);
   await waitFor(async () => Number((await admin.query("SELECT count(*) FROM queue.jobs WHERE status = 'completed'")).rows[0].count) === N);
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const bridgeMs = ((await bridgeCpu(admin)) - cpu0) * 1000 * (1000 / N);
   stopping = true;
   await Promise.all(loops);
   if (flusher) await flusher;
   redises.forEach((r) => r.disconnect());
   await pool.end();
-  return N / seconds;
+  return { rate: N / seconds, bridgeMs };
 }
 
 async function graphile(admin, workers) {
@@ -110,15 +120,20 @@ async function graphile(admin, workers) {
   console.log("    workers   graphile-worker   queue_pg complete   ratio   queue_pg complete_many   ratio");
   for (const w of WORKERS) {
     const runs = { g: [], q: [], qm: [] };
+    const bridge = { q: [], qm: [] };
     for (let round = 0; round < ROUNDS; round++) {
       runs.g.push(await graphile(admin, w));
-      runs.q.push(await queuePg(admin, w, false));
-      runs.qm.push(await queuePg(admin, w, true));
+      for (const [key, batchAck] of [["q", false], ["qm", true]]) {
+        const { rate, bridgeMs } = await queuePg(admin, w, batchAck);
+        runs[key].push(rate);
+        bridge[key].push(bridgeMs);
+      }
     }
     const [g, q, qm] = [median(runs.g), median(runs.q), median(runs.qm)];
     console.log(`    ${String(w).padStart(7)}   ${g.toFixed(0).padStart(10)} jobs/s   ${q.toFixed(0).padStart(10)} jobs/s   ${(q / g).toFixed(2).padStart(5)}   ${qm.toFixed(0).padStart(15)} jobs/s   ${(qm / g).toFixed(2).padStart(5)}`);
     const all = (xs) => xs.map((x) => x.toFixed(0)).join(", ");
     console.log(`              [${all(runs.g)}]   [${all(runs.q)}]   [${all(runs.qm)}]`);
+    console.log(`              queue_pg's bridge: ${median(bridge.q).toFixed(0)} ms CPU per 1,000 jobs (complete), ${median(bridge.qm).toFixed(0)} ms (complete_many)`);
   }
   await admin.end();
 })().catch((e) => { console.error(e); process.exit(1); });

@@ -57,15 +57,17 @@ const SWEEP: &str = "
 // mark) or that was cancelled meanwhile keeps the state its own transaction gave it. SKIP LOCKED:
 // the bridge never waits for a worker's transaction, so it can never be part of a deadlock with
 // one (a skipped job that stays `queued` is pushed again; `start` drops the duplicate).
+// LATERAL: one index probe per acknowledged job (a plain join was planned as a hash join over
+// every queued job, or as a nested loop over the whole array for each job).
 const MARK_MIGRATED: &str = "
     UPDATE queue.jobs j
-    SET status = 'migrated', dispatched_at = now(), dispatch_seq = b.seq, updated_at = now()
-    FROM (SELECT x.id, b.seq
+    SET status = 'migrated', dispatched_at = now(), dispatch_seq = l.seq, updated_at = now()
+    FROM (SELECT b.seq, x.id
           FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
-          JOIN queue.jobs x ON x.id = b.id
-          WHERE x.status = 'queued'
-          FOR UPDATE OF x SKIP LOCKED) b
-    WHERE j.id = b.id";
+          CROSS JOIN LATERAL (SELECT id FROM queue.jobs
+                              WHERE id = b.id AND status = 'queued'
+                              FOR UPDATE SKIP LOCKED) x) l
+    WHERE j.id = l.id";
 
 /// Marks what Redis acknowledged as `migrated`. Runs inside the caller's transaction.
 pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {

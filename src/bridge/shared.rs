@@ -23,6 +23,9 @@ pub struct BridgeShared {
     /// The lowest id that committed transactions made `queued` since the bridge last looked
     /// (i64::MAX: none; 0, the start value, means from the beginning).
     queued_from: AtomicI64,
+    /// A commit that only changed job states has set the latch since the bridge's last cycle
+    /// began: later ones need not wake it again.
+    states_wake_sent: AtomicBool,
 }
 
 unsafe impl PGRXSharedMemory for BridgeShared {}
@@ -77,6 +80,23 @@ pub fn wake_bridge() {
     }
 }
 
+/// Wakes the bridge for state changes to apply to Redis, once per bridge cycle: a stream of
+/// workers' acknowledgements does not wake it for each. Never raises.
+pub fn wake_bridge_for_states() {
+    if let Some(s) = shared() {
+        if !s.states_wake_sent.swap(true, Ordering::AcqRel) {
+            wake_bridge();
+        }
+    }
+}
+
+/// Called by the bridge when a cycle begins, before it reads the state changes.
+pub fn states_wake_taken() {
+    if let Some(s) = shared() {
+        s.states_wake_sent.store(false, Ordering::Release);
+    }
+}
+
 /// Called by the bridge when it starts: from now on commits wake it.
 pub fn publish_bridge_process() {
     if let Some(s) = shared() {
@@ -100,6 +120,11 @@ pub fn note_queued_from(id: i64) {
     if let Some(s) = shared() {
         s.queued_from.fetch_min(id, Ordering::AcqRel);
     }
+}
+
+/// Whether transactions that committed since the last [`take_queued_from`] queued jobs.
+pub fn queued_pending() -> bool {
+    shared().is_some_and(|s| s.queued_from.load(Ordering::Acquire) != i64::MAX)
 }
 
 /// The lowest id made `queued` by transactions that committed since the last call.

@@ -34,16 +34,20 @@ struct JobState {
     priority: String,
 }
 
-// LATERAL: one primary-key lookup per outbox row (a plain join may hash all of queue.jobs).
+// One primary-key lookup per outbox row: the LIMIT keeps Postgres from flattening the LATERAL
+// subquery into a join, which it planned as a hash join over all of queue.jobs (a full scan in
+// every bridge cycle). Only a dead job's payload is needed (for its dead-letter entry).
 const READ_OUTBOX: &str = "
-    SELECT o.ctid::text, o.job_id, o.event, o.status AS entered, j.status, j.queue_name, j.attempt_count,
-           j.last_error_message, j.failed_at, j.retry_delay_ms, j.payload, j.priority
+    SELECT o.ctid::text, o.job_id, o.event, o.status AS entered, j.status, j.queue_name,
+           j.attempt_count, j.last_error_message, j.failed_at, j.retry_delay_ms, j.payload,
+           j.priority
     FROM (SELECT ctid, job_id, event, status FROM queue.redis_outbox LIMIT $1) o
     LEFT JOIN LATERAL (
         SELECT status, queue_name, attempt_count, last_error_message, failed_at,
                (EXTRACT(EPOCH FROM (run_at - updated_at)) * 1000)::bigint AS retry_delay_ms,
-               payload::text AS payload, priority
-        FROM queue.jobs WHERE id = o.job_id) j ON true";
+               CASE WHEN status = 'failed' THEN payload::text END AS payload, priority
+        FROM queue.jobs WHERE id = o.job_id
+        LIMIT 1) j ON true";
 
 // Deletes the applied rows and counts the outcomes among them, per queue and minute.
 const DELETE_APPLIED: &str = "

@@ -8,7 +8,7 @@
 //! The callback only touches atomics and calls SetLatch: it cannot raise an ERROR, allocate, or
 //! panic.
 
-use super::shared::{note_queued_from, wake_bridge};
+use super::shared::{note_queued_from, wake_bridge, wake_bridge_for_states};
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
@@ -58,7 +58,9 @@ unsafe extern "C-unwind" fn on_xact_event(
         let from = QUEUED_FROM.swap(i64::MAX, Ordering::Relaxed);
         if from != i64::MAX {
             note_queued_from(from);
+            wake_bridge();
+        } else {
+            wake_bridge_for_states();
         }
-        wake_bridge();
     }
 }

@@ -50,10 +50,8 @@ pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             bridge.reload();
         }
-        // Under a stream of commits, run at most one cycle per MIN_CYCLE_GAP: the jobs of many
-        // commits then share a batch instead of each paying for a cycle of its own.
-        if let Some(rest) = MIN_CYCLE_GAP.checked_sub(last_cycle.elapsed()) {
-            unsafe { pg_sys::pg_usleep(rest.as_micros() as std::ffi::c_long) };
+        if !wait_for_gap(last_cycle) {
+            break;
         }
         last_cycle = Instant::now();
         let sleep = bridge.cycle();
@@ -69,8 +67,35 @@ pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
-/// The shortest time between the starts of two cycles (see the main loop).
+/// The shortest time between the starts of two cycles while jobs wait to be dispatched.
 const MIN_CYCLE_GAP: Duration = Duration::from_millis(2);
+/// The shortest time between the starts of two cycles while commits only changed job states
+/// (workers' start, complete, fail: job hashes to update in Redis, nothing to dispatch).
+const STATE_SYNC_GAP: Duration = Duration::from_millis(20);
+
+/// Under a stream of commits the bridge runs at most one cycle per gap, so that the jobs or
+/// state changes of many commits share a cycle instead of each paying for one. A commit that
+/// queues jobs cuts the longer gap short. False if the bridge should stop.
+fn wait_for_gap(last_cycle: Instant) -> bool {
+    loop {
+        let gap = if shared::queued_pending() {
+            MIN_CYCLE_GAP
+        } else {
+            STATE_SYNC_GAP
+        };
+        let Some(rest) = gap.checked_sub(last_cycle.elapsed()) else {
+            return true;
+        };
+        if gap == MIN_CYCLE_GAP {
+            unsafe { pg_sys::pg_usleep(rest.as_micros() as std::ffi::c_long) };
+            return true;
+        }
+        // Woken by a commit (which may have queued jobs), a signal, or the end of the gap.
+        if !BackgroundWorker::wait_latch(Some(rest)) || shutdown_requested() {
+            return false;
+        }
+    }
+}
 
 fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
@@ -181,6 +206,8 @@ impl Bridge {
         let mut changes = Vec::new();
         let mut changes_applied = false;
 
+        // State changes committed from here on wake the bridge again (for the next cycle).
+        shared::states_wake_taken();
         let mut from = self.read_from();
         let sweep = self.sweep;
         let mut first = true;
