@@ -56,18 +56,17 @@ const SWEEP: &str = "
 // Only jobs still `queued`: one that a worker already started (it may pop a job before this
 // mark) or that was cancelled meanwhile keeps the state its own transaction gave it. SKIP LOCKED:
 // the bridge never waits for a worker's transaction, so it can never be part of a deadlock with
-// one (a skipped job that stays `queued` is pushed again; `start` drops the duplicate).
-// LATERAL: one index probe per acknowledged job (a plain join was planned as a hash join over
-// every queued job, or as a nested loop over the whole array for each job).
+// one (a skipped job that stays `queued`, because no worker started it after all, is pushed again
+// by the bridge's next sweep; `start` drops a duplicate).
 const MARK_MIGRATED: &str = "
     UPDATE queue.jobs j
-    SET status = 'migrated', dispatched_at = now(), dispatch_seq = l.seq, updated_at = now()
-    FROM (SELECT b.seq, x.id
+    SET status = 'migrated', dispatched_at = now(), dispatch_seq = b.seq, updated_at = now()
+    FROM (SELECT x.id, b.seq
           FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
-          CROSS JOIN LATERAL (SELECT id FROM queue.jobs
-                              WHERE id = b.id AND status = 'queued'
-                              FOR UPDATE SKIP LOCKED) x) l
-    WHERE j.id = l.id";
+          JOIN queue.jobs x ON x.id = b.id
+          WHERE x.status = 'queued'
+          FOR UPDATE OF x SKIP LOCKED) b
+    WHERE j.id = b.id";
 
 /// Marks what Redis acknowledged as `migrated`. Runs inside the caller's transaction.
 pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {
