@@ -56,15 +56,19 @@ def log(message):
 
 
 def heartbeat_until(done, job_id, attempt, lease_s):
-    """Extends the lease every third of it until `done` is set (its own connection)."""
+    """Extends the lease every third of it until `done` is set, on a connection of its own,
+    opened only when a job runs that long."""
     interval = max(lease_s / 3, 0.5)
-    with psycopg.connect(DATABASE_URL, autocommit=True) as db:
+    db = None
+    try:
         while not done.wait(interval):
-            try:
-                db.execute("SELECT queue.heartbeat(%s, attempt => %s)", (job_id, attempt))
-            except psycopg.Error as e:  # cancelled, or the lease was lost: the end will say so
-                log(f"heartbeat for job {job_id} failed: {e}")
-                return
+            db = db or psycopg.connect(DATABASE_URL, autocommit=True)
+            db.execute("SELECT queue.heartbeat(%s, attempt => %s)", (job_id, attempt))
+    except psycopg.Error as e:  # cancelled, or the lease was lost: the end will say so
+        log(f"heartbeat for job {job_id} failed: {e}")
+    finally:
+        if db is not None:
+            db.close()
 
 
 def run(db, job_id, attempt, payload, lease_s):
