@@ -45,8 +45,8 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             WAKE_PENDING.swap(false, Ordering::Relaxed)
         }
-        // A prepared transaction commits later, elsewhere: the bridge's periodic full scan
-        // picks its jobs up.
+        // A prepared transaction commits later, elsewhere: the bridge's periodic sweep
+        // finds its jobs.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_PENDING.store(false, Ordering::Relaxed);
             QUEUED_FROM.store(i64::MAX, Ordering::Relaxed);
