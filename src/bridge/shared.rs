@@ -132,9 +132,18 @@ pub fn take_queued_from() -> i64 {
     shared().map_or(0, |s| s.queued_from.swap(i64::MAX, Ordering::AcqRel))
 }
 
-pub fn record_cycle(now_us: i64) {
+/// Unix time in microseconds: the clock of `last_cycle_us`.
+pub fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Called by the bridge at the end of each cycle.
+pub fn record_cycle() {
     if let Some(s) = shared() {
-        s.last_cycle_us.store(now_us, Ordering::Relaxed);
+        s.last_cycle_us.store(unix_micros(), Ordering::Relaxed);
     }
 }
 

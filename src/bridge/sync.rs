@@ -49,8 +49,20 @@ const READ_OUTBOX: &str = "
         FROM queue.jobs WHERE id = o.job_id
         LIMIT 1) j ON true";
 
+/// Adds counts to `queue.stats` rows that may exist already: `INSERT INTO queue.stats AS s …`
+/// followed by this.
+macro_rules! add_to_stats {
+    () => {
+        "
+    ON CONFLICT (queue_name, minute) DO UPDATE
+    SET completed = s.completed + EXCLUDED.completed, retried = s.retried + EXCLUDED.retried,
+        failed = s.failed + EXCLUDED.failed, cancelled = s.cancelled + EXCLUDED.cancelled"
+    };
+}
+
 // Deletes the applied rows and counts the outcomes among them, per queue and minute.
-const DELETE_APPLIED: &str = "
+const DELETE_APPLIED: &str = concat!(
+    "
     WITH applied AS (
         DELETE FROM queue.redis_outbox WHERE ctid = ANY($1::tid[])
         RETURNING queue_name, status, at)
@@ -62,24 +74,23 @@ const DELETE_APPLIED: &str = "
            count(*) FILTER (WHERE status = 'cancelled')
     FROM applied
     WHERE status IN ('completed', 'retry_scheduled', 'failed', 'cancelled')
-    GROUP BY 1, 2
-    ON CONFLICT (queue_name, minute) DO UPDATE
-    SET completed = s.completed + EXCLUDED.completed, retried = s.retried + EXCLUDED.retried,
-        failed = s.failed + EXCLUDED.failed, cancelled = s.cancelled + EXCLUDED.cancelled";
+    GROUP BY 1, 2",
+    add_to_stats!()
+);
 
 // Minutes that left the last hour (what monitoring shows, with a little margin) fold into the
 // queue's totals row at '-infinity'.
-const FOLD_STATS: &str = "
+const FOLD_STATS: &str = concat!(
+    "
     WITH old AS (
         DELETE FROM queue.stats
         WHERE minute < now() - interval '62 minutes' AND minute <> '-infinity'
         RETURNING *)
     INSERT INTO queue.stats AS s (queue_name, minute, completed, retried, failed, cancelled)
     SELECT queue_name, '-infinity', sum(completed), sum(retried), sum(failed), sum(cancelled)
-    FROM old GROUP BY queue_name
-    ON CONFLICT (queue_name, minute) DO UPDATE
-    SET completed = s.completed + EXCLUDED.completed, retried = s.retried + EXCLUDED.retried,
-        failed = s.failed + EXCLUDED.failed, cancelled = s.cancelled + EXCLUDED.cancelled";
+    FROM old GROUP BY queue_name",
+    add_to_stats!()
+);
 
 /// Adds the dead-letter entry once: the marker doubles as the guard against a second LPUSH.
 const ADD_DEAD_LETTER: &str = "

@@ -28,7 +28,7 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::panic::AssertUnwindSafe;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -278,7 +278,7 @@ impl Bridge {
         if let Some(retry) = self.redis.retry_in() {
             sleep = sleep.min(retry.max(Duration::from_millis(1)));
         }
-        shared::record_cycle(unix_micros());
+        shared::record_cycle();
         sleep
     }
 
@@ -468,11 +468,4 @@ impl Bridge {
             self.extension_present = Some(present);
         }
     }
-}
-
-fn unix_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }

@@ -24,8 +24,9 @@ fn health() -> JsonB {
 }
 
 /// `running`, `stalled` (no cycle for three poll intervals), `stopped` or `not_loaded`.
-pub fn bridge_state(bridge: Option<&BridgeStatus>, now_us: i64) -> &'static str {
+pub fn bridge_state(bridge: Option<&BridgeStatus>) -> &'static str {
     let stall_after = (settings::poll_interval() * 3).max(Duration::from_secs(3));
+    let now_us = shared::unix_micros();
     match bridge {
         None => "not_loaded",
         Some(b) if b.pid == 0 => "stopped",
@@ -41,10 +42,6 @@ fn document(
     bridge: Option<&BridgeStatus>,
 ) -> Value {
     let now = SystemTime::now();
-    let now_us = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
     let sum = |f: fn(&QueueFigures) -> i64| queues.iter().map(f).sum::<i64>();
     let completed = sum(|q| q.last_hour.completed);
     let failed = sum(|q| q.last_hour.failed);
@@ -61,7 +58,7 @@ fn document(
         (Some(used), Some(max)) if max > 0 => Some(100.0 * used as f64 / max as f64),
         _ => None,
     };
-    let bridge_status = bridge_state(bridge, now_us);
+    let bridge_status = bridge_state(bridge);
 
     let mut per_queue = Map::new();
     for (i, q) in queues.iter().enumerate() {

@@ -9,6 +9,7 @@
 //!   the list is trimmed, again and again. Dead jobs stay in Postgres (`queue.dead_letters`),
 //!   which is their durable record; the Redis list is a copy for workers and dashboards.
 
+use super::redis_probe::info_field;
 use crate::api::errors::raise;
 use crate::redis::conn::scrub;
 use crate::redis::{connect, without_signals, Keys};
@@ -167,12 +168,7 @@ pub fn memory(con: &mut redis::Connection) -> Result<(i64, i64), String> {
         .arg("memory")
         .query(con)
         .map_err(|e| e.to_string())?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |name| info_field(&info, name).unwrap_or(0);
     Ok((field("used_memory"), field("maxmemory")))
 }
 

@@ -7,7 +7,6 @@ use super::metrics;
 use crate::bridge::shared;
 use pgrx::prelude::*;
 use std::fmt::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Builds the exposition: every family once, with its HELP and TYPE lines.
 struct Exposition {
@@ -161,12 +160,7 @@ fn prometheus() -> String {
         }
     }
 
-    let now = SystemTime::now();
-    let now_us = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    let running = bridge_state(bridge.as_ref(), now_us) == "running";
+    let running = bridge_state(bridge.as_ref()) == "running";
     out.family(
         "queue_pg_bridge_up",
         "gauge",

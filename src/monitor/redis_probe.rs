@@ -17,7 +17,8 @@ pub struct RedisProbe {
     pub error: Option<String>,
 }
 
-fn info_field(info: &str, name: &str) -> Option<i64> {
+/// A numeric field of an INFO reply (`name:value` lines).
+pub fn info_field(info: &str, name: &str) -> Option<i64> {
     info.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
