@@ -1,4 +1,4 @@
-"""Bad input gets an ERROR with a fitting SQLSTATE and changes nothing (issue 2, item 7)."""
+"""Bad input gets an ERROR with a fitting SQLSTATE and changes nothing."""
 
 import psycopg
 import pytest

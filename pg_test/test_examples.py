@@ -1,6 +1,6 @@
 """The example workers in examples/ (Python, Node.js, Rust), each started as a real process:
 a mixed batch enqueued from SQL ends completed or dead-lettered with the handler's error text, a
-long job survives on heartbeats, and SIGTERM mid-job loses nothing (issue 5, item 2)."""
+long job survives on heartbeats, and SIGTERM mid-job loses nothing."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Faults lose no job: Redis down at commit time, the bridge killed mid-drain (issue 2, items 4-5)."""
+"""Faults lose no job: Redis down at commit time, the bridge killed mid-drain."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """queue.health(): the spec's shape and numbers, Redis down or hanging, the bridge stopped or
-stalled (issue 4, items 1-3)."""
+stalled."""
 
 import json
 import os

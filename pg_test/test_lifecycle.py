@@ -1,4 +1,4 @@
-"""The job lifecycle: backoff, dead letters, replay, cancel, concurrent start, state errors (issue 3)."""
+"""The job lifecycle: backoff, dead letters, replay, cancel, concurrent start, state errors."""
 
 import json
 import threading

@@ -1,6 +1,6 @@
 """queue.optimize_memory(): TTLs for finished jobs' hashes, never touching an unfinished job's
 hash, trimming the dead-letter list under memory pressure; the bridge runs it periodically
-(issue 4, item 5)."""
+"""
 
 import json
 import time

@@ -1,6 +1,6 @@
 """queue.metrics() and queue.prometheus(): the right numbers for a known state, outcomes counted
 per minute and folded into totals, and an exposition that a real Prometheus parser reads and
-that matches metrics() (issue 4, items 1 and 4)."""
+that matches metrics()."""
 
 import json
 import math

@@ -1,5 +1,5 @@
 """Every `sql` block of README.md runs as written: all of them, in order, as one psql session
-against the test cluster (issue 5, item 3)."""
+against the test cluster."""
 
 import re
 import subprocess

@@ -1,4 +1,4 @@
-"""Nothing is lost: dead workers, dropped messages, a Redis that lost its data (issue 3, items 4-6)."""
+"""Nothing is lost: dead workers, dropped messages, a Redis that lost its data."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """The schema: kept by pg_dump, and indexed so that dispatch does not slow down as finished jobs
-pile up (issue 2)."""
+pile up."""
 
 import subprocess
 

@@ -1,4 +1,4 @@
-"""Soak: 20,000 jobs, 4 real worker processes, 10 % of attempts fail (issue 3, item 9)."""
+"""Soak: 20,000 jobs, 4 real worker processes, 10 % of attempts fail."""
 
 import collections
 import signal

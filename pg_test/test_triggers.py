@@ -1,5 +1,5 @@
 """queue.enqueue_row(): one job per changed row with the spec's payload, in the application's
-transaction; misuse is a clear ERROR that changes nothing (issue 5, item 1)."""
+transaction; misuse is a clear ERROR that changes nothing."""
 
 import json
 

@@ -5,6 +5,9 @@
 #   scripts/stack.sh down          # stop both (the data stays in QPG_HOME until the next up)
 #   scripts/stack.sh redis-stop    # stop Redis only (fault tests)
 #   scripts/stack.sh redis-start   # start Redis again, empty (no persistence)
+#   scripts/stack.sh pg-stop       # stop PostgreSQL (fast shutdown)
+#   scripts/stack.sh pg-kill       # stop PostgreSQL as a crash would (immediate shutdown)
+#   scripts/stack.sh pg-start      # start PostgreSQL again
 #   scripts/stack.sh psql [args]   # psql into the cluster
 #   scripts/stack.sh env           # the settings below, for `eval`
 #
@@ -106,8 +109,11 @@ case "${1:-}" in
     down) pg_stop; redis_stop ;;
     redis-stop) redis_stop ;;
     redis-start) redis_start ;;
+    pg-stop) as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m fast -w -t 60 stop >/dev/null ;;
+    pg-kill) as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null ;;
+    pg-start) as_postgres "$BIN/pg_ctl" -D "$PGDATA" -l "$QPG_HOME/postgres.log" -w -t 120 start >/dev/null ;;
     redis-cli) shift; redis_cli "$@" ;;
     psql) shift; psql_ "$@" ;;
     env) echo "QPG_HOME=$QPG_HOME QPG_PGPORT=$QPG_PGPORT QPG_REDIS_PORT=$QPG_REDIS_PORT" ;;
-    *) sed -n '2,13p' "$0"; exit 2 ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -20,6 +20,9 @@ cargo clippy --release --all-targets --quiet -- -D warnings
 cargo fmt --manifest-path examples/rust/Cargo.toml -- --check
 cargo clippy --manifest-path examples/rust/Cargo.toml --release --quiet -- -D warnings
 
+echo "==> unit tests (cargo test)"
+cargo test --release --lib --quiet
+
 echo "==> Python test dependencies and the Python example's (.venv)"
 [ -x .venv/bin/pip ] || python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -r pg_test/requirements.txt \

@@ -59,16 +59,20 @@ CREATE INDEX jobs_completed_idx ON queue.jobs (completed_at) WHERE status = 'com
 CREATE INDEX jobs_failed_idx ON queue.jobs (queue_name, failed_at) WHERE status = 'failed';
 
 -- Changes Redis must follow after commit (the job hash, the dead-letter list). SQL functions add a
--- row in the caller's transaction; the bridge applies it to Redis, then deletes it. 'state': make
--- the job hash (and dead-letter entry) match the job's row; 'replayed': remove the job's
--- dead-letter entry and marker. `status` is the state the job entered; the bridge counts it into
--- queue.stats in the transaction that deletes the row, so each change is counted once.
+-- row in the caller's transaction; the bridge applies it to Redis, then deletes it by its id (a
+-- real key: a VACUUM FULL or CLUSTER between the bridge's read and its delete moves tuples).
+-- 'state': make the job hash (and dead-letter entry) match the job's row; 'replayed': remove the
+-- job's dead-letter entry and marker. `status` is the state the job entered. The bridge counts
+-- outcomes into queue.stats once per poll interval whether or not Redis is reachable (`counted`),
+-- and counts the rest in the transaction that deletes the rows, so each is counted once.
 CREATE TABLE queue.redis_outbox (
+    id         bigserial PRIMARY KEY,
     job_id     bigint NOT NULL,
     event      text NOT NULL CHECK (event IN ('state', 'replayed')),
     status     text NOT NULL,
     queue_name text NOT NULL,
-    at         timestamptz NOT NULL DEFAULT now()
+    at         timestamptz NOT NULL DEFAULT now(),
+    counted    boolean NOT NULL DEFAULT false
 );
 
 -- Outcomes per queue and minute, for monitoring: how many attempts completed, were retried, died

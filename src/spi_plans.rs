@@ -1,7 +1,7 @@
 //! Prepared SPI plans, kept for the life of the backend so that hot statements (enqueue, the
 //! bridge's dispatch queries) are parsed and planned once, not on every call.
 
-use pgrx::datum::DatumWithOid;
+use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::pg_sys::PgOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
 use std::cell::RefCell;
@@ -39,7 +39,7 @@ pub fn with_plan<'conn, R>(
         Some(plan) => plan,
         None => client
             .prepare_mut(sql, arg_types)
-            .unwrap_or_else(|e| panic!("queue_pg: preparing a statement failed: {e}"))
+            .unwrap_or_else(|e| pgrx::error!("queue_pg: preparing a statement failed: {e}"))
             .keep(),
     };
     // Taken out while in use, so a nested call cannot alias it; put back afterwards.
@@ -59,4 +59,32 @@ pub fn update<'conn>(
     with_plan(client, sql, arg_types, |client, plan| {
         client.update(plan, limit, args)
     })
+}
+
+/// Column `column` (1-based) of the first row: None when there is no row or the value is NULL.
+/// (pgrx reports reading an empty result as an error; here no row is a value, a failure is not.)
+pub fn first_value<T: FromDatum + IntoDatum>(
+    table: SpiTupleTable<'_>,
+    column: usize,
+) -> SpiResult<Option<T>> {
+    if table.is_empty() {
+        Ok(None)
+    } else {
+        table.first().get(column)
+    }
+}
+
+/// A column value that must be there: NULL or a decoding failure is an `Err` naming the column,
+/// never a default that would pass for data.
+pub fn required<T>(value: SpiResult<Option<T>>, column: &str) -> Result<T, String> {
+    match value {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(format!("{column} is NULL")),
+        Err(e) => Err(format!("reading {column}: {e}")),
+    }
+}
+
+/// A column value that may be NULL; a decoding failure is an `Err` naming the column.
+pub fn optional<T>(value: SpiResult<Option<T>>, column: &str) -> Result<Option<T>, String> {
+    value.map_err(|e| format!("reading {column}: {e}"))
 }

@@ -79,7 +79,8 @@ async function main() {
   for (const priority of ['high', 'normal', 'low']) {
     for (const queue of QUEUES) keys.push(`${PREFIX}:{${queue}}:${priority}`);
   }
-  const redis = new Redis(REDIS_URL);
+  // Every Redis call is bounded: BRPOP waits 1 s, so a reply later than 5 s means Redis hangs.
+  const redis = new Redis(REDIS_URL, { connectTimeout: 5000, commandTimeout: 5000 });
   const db = new Client({ connectionString: DATABASE_URL });
   await db.connect();
   console.log('ready');

@@ -108,7 +108,8 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     keys = [f"{PREFIX}:{{{q}}}:{p}" for p in ("high", "normal", "low") for q in QUEUES]
-    r = redis.Redis.from_url(REDIS_URL)
+    # Every Redis call is bounded: BRPOP waits 1 s, so a reply later than 5 s means Redis hangs.
+    r = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
     with psycopg.connect(DATABASE_URL, autocommit=True) as db:
         print("ready", flush=True)
         while not stopping.is_set():

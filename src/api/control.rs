@@ -1,7 +1,7 @@
 //! Controls: `queue.pause` and `queue.resume` (a paused queue keeps accepting jobs; the bridge
 //! dispatches none of them until it is resumed) and `queue.cancel`.
 
-use super::errors::{null_argument, unknown_job};
+use super::errors::{null_argument, spi_failed, unknown_job};
 use super::jobs::id_was_issued;
 use super::validate;
 use crate::bridge::wake::{wake_on_commit, wake_on_commit_queued};
@@ -53,14 +53,13 @@ fn cancel(job_id: Option<i64>) -> bool {
     let cancelled = Spi::connect_mut(|client| {
         let n = spi_plans::update(client, CANCEL, &[INT8], Some(1), &[id.into()])
             .map(|t| t.len())
-            .unwrap_or(0);
+            .unwrap_or_else(|e| spi_failed("cancel", e));
         if n == 0 {
             let exists = client
                 .select(EXISTS, Some(1), &[id.into()])
                 .and_then(|t| t.first().get_one::<bool>())
-                .ok()
-                .flatten()
-                .unwrap_or(false);
+                .unwrap_or_else(|e| spi_failed("looking up the job", e))
+                == Some(true);
             if !exists && !id_was_issued(client, id) {
                 unknown_job(id);
             }

@@ -2,10 +2,11 @@
 //! to `queued` with its attempts reset and its error history kept; after commit the bridge removes
 //! its Redis dead-letter entry and marker.
 
-use super::errors::{invalid_argument, null_argument, wrong_state};
+use super::errors::{invalid_argument, null_argument, spi_failed, wrong_state};
 use super::jobs::status_of;
 use super::validate;
 use crate::bridge::wake::wake_on_commit_queued;
+use crate::spi_plans::required;
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 
@@ -36,12 +37,10 @@ fn replay(id: Option<i64>, queue_name: Option<&str>, max_jobs: i64) -> usize {
                 None,
                 &[id.into(), queue_name.into(), max_jobs.into()],
             )
-            .map(|rows| {
-                rows.filter_map(|r| r.get::<i64>(1).ok().flatten())
-                    .collect()
-            })
+            .map_err(|e| e.to_string())
+            .and_then(|rows| rows.map(|r| required(r.get::<i64>(1), "id")).collect())
     })
-    .unwrap_or_else(|e| pgrx::error!("queue_pg: replay failed: {e}"));
+    .unwrap_or_else(|e| spi_failed("replay", e));
     if let Some(&first) = ids.iter().min() {
         wake_on_commit_queued(first);
     }

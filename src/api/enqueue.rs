@@ -1,13 +1,13 @@
 //! Enqueueing: `queue.enqueue` and `queue.enqueue_many`. Pure SQL inside the caller's
 //! transaction; the bridge is woken when (and only if) that transaction commits.
 
-use super::errors::invalid_argument;
+use super::errors::{invalid_argument, spi_failed};
 use super::raw_jsonb::RawJsonb;
 use super::validate;
 use crate::bridge::wake::wake_on_commit_queued;
 use crate::settings;
 use crate::spi_plans::types::{INT4, JSONB, TEXT, TIMESTAMPTZ};
-use crate::spi_plans::with_plan;
+use crate::spi_plans::{first_value, required, with_plan};
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
@@ -87,10 +87,7 @@ fn enqueue(
                     .get_one::<i64>()
             })
         });
-        let id = id
-            .ok()
-            .flatten()
-            .expect("INSERT … RETURNING id returned no row");
+        let id = required(id, "the new job's id").unwrap_or_else(|e| spi_failed("enqueue", e));
         wake_on_commit_queued(id);
         return id;
     };
@@ -104,25 +101,22 @@ fn enqueue(
     for _ in 0..10 {
         let inserted = Spi::connect_mut(|client| {
             with_plan(client, INSERT_DEDUPED_JOB, &types, |client, plan| {
-                client
-                    .update(plan, Some(1), &args)?
-                    .first()
-                    .get_one::<i64>()
+                first_value::<i64>(client.update(plan, Some(1), &args)?, 1)
             })
         });
-        if let Ok(Some(id)) = inserted {
+        if let Some(id) = inserted.unwrap_or_else(|e| spi_failed("enqueue", e)) {
             wake_on_commit_queued(id);
             return id;
         }
         let existing = Spi::connect_mut(|client| {
             with_plan(client, FIND_DEDUPED_JOB, &[TEXT, TEXT], |client, plan| {
-                client
-                    .select(plan, Some(1), &[queue_name.into(), key.into()])?
-                    .first()
-                    .get_one::<i64>()
+                let args = [queue_name.into(), key.into()];
+                first_value::<i64>(client.select(plan, Some(1), &args)?, 1)
             })
         });
-        if let Ok(Some(id)) = existing {
+        if let Some(id) =
+            existing.unwrap_or_else(|e| spi_failed("looking up the deduplicated job", e))
+        {
             return id;
         }
     }
@@ -165,14 +159,14 @@ fn enqueue_many(
             INSERT_MANY,
             &[TEXT, JSONB, TEXT, INT4, INT4],
             |client, plan| {
-                client.update(plan, None, &args).map(|rows| {
-                    rows.filter_map(|row| row.get::<i64>(1).ok().flatten())
-                        .collect()
-                })
+                client
+                    .update(plan, None, &args)
+                    .map_err(|e| e.to_string())
+                    .and_then(|rows| rows.map(|row| required(row.get::<i64>(1), "id")).collect())
             },
         )
     })
-    .unwrap_or_else(|e| pgrx::error!("queue_pg: enqueue_many failed: {e}"));
+    .unwrap_or_else(|e| spi_failed("enqueue_many", e));
     if let Some(&first) = ids.iter().min() {
         wake_on_commit_queued(first);
     }
@@ -187,16 +181,19 @@ fn check_element_sizes(payloads: RawJsonb) {
         return;
     }
     let too_large = Spi::connect(|client| {
-        client
-            .select(
-                LARGEST_ELEMENT,
-                Some(1),
-                &[payloads.into(), (limit as i64).into()],
-            )?
-            .first()
-            .get_two::<i64, i32>()
+        let table = client.select(
+            LARGEST_ELEMENT,
+            Some(1),
+            &[payloads.into(), (limit as i64).into()],
+        )?;
+        if table.is_empty() {
+            return Ok(None); // the array's text is over the limit, but no element's is
+        }
+        table.first().get_two::<i64, i32>().map(Some)
     });
-    if let Ok((Some(n), Some(len))) = too_large {
-        validate::payload_too_large(&format!("payloads element {n}"), len as usize, limit);
+    if let Some((Some(n), Some(len))) =
+        too_large.unwrap_or_else(|e| spi_failed("measuring payloads", e))
+    {
+        validate::payload_too_large(&format!("payloads element {n}"), len as usize, limit)
     }
 }

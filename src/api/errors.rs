@@ -30,6 +30,15 @@ pub fn unknown_job(id: i64) -> ! {
     )
 }
 
+/// XX000: a statement of queue_pg's own failed (its message says which and why). Never read as
+/// "no row" or "not found".
+pub fn spi_failed(what: &str, e: impl std::fmt::Display) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("queue_pg: {what} failed: {e}"),
+    )
+}
+
 /// 55000: the call does not fit the job's state.
 pub fn wrong_state(message: impl Into<String>) -> ! {
     raise(

@@ -3,11 +3,11 @@
 //! Redis, which the bridge applies after commit.
 
 use super::backoff::{self, Outcome};
-use super::errors::null_argument;
+use super::errors::{null_argument, spi_failed};
 use super::jobs::explain_not_running;
 use crate::bridge::wake::wake_on_commit;
 use crate::settings;
-use crate::spi_plans::{self, types::*};
+use crate::spi_plans::{self, optional, required, types::*};
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -77,7 +77,7 @@ fn complete(
     Spi::connect_mut(|client| {
         let done = spi_plans::update(client, COMPLETE, &[INT8, JSONB, INT4], Some(1), &args)
             .map(|t| t.len())
-            .unwrap_or(0);
+            .unwrap_or_else(|e| spi_failed("complete", e));
         if done == 0 {
             explain_not_running(client, id, attempt, "complete");
         }
@@ -98,7 +98,7 @@ fn complete_many(job_ids: Option<Vec<Option<i64>>>) -> i32 {
         spi_plans::update(client, COMPLETE_MANY, &[INT8_ARRAY], None, &[ids.into()])
             .map(|t| t.len())
     })
-    .unwrap_or_else(|e| pgrx::error!("queue_pg: complete_many failed: {e}"));
+    .unwrap_or_else(|e| spi_failed("complete_many", e));
     if done > 0 {
         wake_on_commit();
     }
@@ -124,17 +124,20 @@ pub fn fail_running_job(
     attempt: Option<i32>,
 ) -> JsonB {
     let row = spi_plans::update(client, LOCK_FOR_FAIL, &[INT8], Some(1), &[id.into()])
-        .ok()
+        .map_err(|e| e.to_string())
         .and_then(|t| {
-            let row = t.first().get_heap_tuple().ok().flatten()?;
-            Some((
-                row.get::<String>(1).ok().flatten()?,
-                row.get::<i32>(2).ok().flatten()?,
-                row.get::<i32>(3).ok().flatten()?,
-                row.get::<i64>(4).ok().flatten(),
-                row.get::<i64>(5).ok().flatten(),
-            ))
-        });
+            let Some(row) = t.first().get_heap_tuple().map_err(|e| e.to_string())? else {
+                return Ok(None);
+            };
+            Ok(Some((
+                required(row.get::<String>(1), "status")?,
+                required(row.get::<i32>(2), "attempt_count")?,
+                required(row.get::<i32>(3), "max_attempts")?,
+                optional(row.get::<i64>(4), "backoff_base")?,
+                optional(row.get::<i64>(5), "backoff_max")?,
+            )))
+        })
+        .unwrap_or_else(|e| spi_failed("locking the job", e));
     let Some((status, attempt_count, max_attempts, base_ms, max_ms)) = row else {
         explain_not_running(client, id, attempt, "fail")
     };
@@ -160,8 +163,7 @@ pub fn fail_running_job(
         Some(1),
         &[id.into(), attempts.into(), delay_ms.into(), error.into()],
     )
-    .and_then(|t| t.first().get_one::<JsonB>())
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| pgrx::error!("queue_pg: recording the failure of job {id} failed"))
+    .map_err(|e| e.to_string())
+    .and_then(|t| required(t.first().get_one::<JsonB>(), "the failure's outcome"))
+    .unwrap_or_else(|e| spi_failed(&format!("recording the failure of job {id}"), e))
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the lifecycle functions: explaining why a call did not fit a job.
 
-use super::errors::{unknown_job, wrong_state};
+use super::errors::{spi_failed, unknown_job, wrong_state};
+use crate::spi_plans::required;
 use pgrx::spi::SpiClient;
 
 const JOB_STATE: &str = "SELECT status, attempt_count FROM queue.jobs WHERE id = $1";
@@ -14,11 +15,7 @@ pub fn explain_not_running(
     attempt: Option<i32>,
     action: &str,
 ) -> ! {
-    let row = client
-        .select(JOB_STATE, Some(1), &[id.into()])
-        .and_then(|t| t.first().get_two::<String, i32>())
-        .unwrap_or((None, None));
-    let (Some(status), Some(attempt_count)) = row else {
+    let Some((status, attempt_count)) = job_state(client, id) else {
         unknown_job(id)
     };
     if status == "cancelled" {
@@ -40,13 +37,28 @@ pub fn explain_not_running(
     }
 }
 
+/// The status and attempt count of a job; None if it does not exist.
+fn job_state(client: &SpiClient<'_>, id: i64) -> Option<(String, i32)> {
+    let table = client
+        .select(JOB_STATE, Some(1), &[id.into()])
+        .unwrap_or_else(|e| spi_failed("looking up the job", e));
+    if table.is_empty() {
+        return None;
+    }
+    let row = table.first();
+    let status = required(row.get::<String>(1), "status");
+    let attempts = required(row.get::<i32>(2), "attempt_count");
+    Some(
+        status
+            .and_then(|s| Ok((s, attempts?)))
+            .unwrap_or_else(|e| spi_failed("looking up the job", e)),
+    )
+}
+
 /// The status of a job, or an ERROR (P0002) if it does not exist.
 pub fn status_of(client: &SpiClient<'_>, id: i64) -> String {
-    client
-        .select(JOB_STATE, Some(1), &[id.into()])
-        .and_then(|t| t.first().get_one::<String>())
-        .ok()
-        .flatten()
+    job_state(client, id)
+        .map(|(status, _)| status)
         .unwrap_or_else(|| unknown_job(id))
 }
 
@@ -55,8 +67,8 @@ pub fn id_was_issued(client: &SpiClient<'_>, id: i64) -> bool {
     let last = client
         .select(LAST_ID, Some(1), &[])
         .and_then(|t| t.first().get_one::<i64>())
-        .ok()
-        .flatten()
-        .unwrap_or(0);
+        .map_err(|e| e.to_string())
+        .and_then(|v| v.ok_or_else(|| "the id sequence has no last_value".to_string()))
+        .unwrap_or_else(|e| spi_failed("reading the job id sequence", e));
     id >= 1 && id <= last
 }

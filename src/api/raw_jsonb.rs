@@ -30,7 +30,7 @@ impl RawJsonb {
     pub fn type_name(self) -> String {
         unsafe {
             pgrx::fcinfo::direct_function_call::<String>(pg_sys::jsonb_typeof, &[Some(self.0)])
-                .unwrap_or_default()
+                .expect("jsonb_typeof returned NULL")
         }
     }
 }

@@ -1,11 +1,11 @@
 //! A worker claims the job it popped (`queue.start`) and keeps its lease alive
 //! (`queue.heartbeat`).
 
-use super::errors::{invalid_argument, null_argument, unknown_job};
+use super::errors::{invalid_argument, null_argument, spi_failed, unknown_job};
 use super::jobs::{explain_not_running, id_was_issued};
 use crate::bridge::wake::wake_on_commit;
 use crate::settings;
-use crate::spi_plans::{self, types::*};
+use crate::spi_plans::{self, first_value, required, types::*};
 use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
@@ -63,22 +63,23 @@ fn start(
     check_lease(lease);
     let args = [id.into(), lease.into(), settings::lease_ms().into()];
     let row = Spi::connect_mut(|client| {
-        let rows = spi_plans::update(client, START, &[INT8, INTERVAL, INT8], Some(1), &args)?;
-        let row = match rows.first().get_heap_tuple()? {
+        let rows = spi_plans::update(client, START, &[INT8, INTERVAL, INT8], Some(1), &args)
+            .map_err(|e| e.to_string())?;
+        let row = match rows.first().get_heap_tuple().map_err(|e| e.to_string())? {
             Some(r) => Some((
-                r.get::<i64>(1)?.unwrap_or_default(),
-                r.get::<String>(2)?.unwrap_or_default(),
-                r.get::<JsonB>(3)?.unwrap_or(JsonB(serde_json::Value::Null)),
-                r.get::<i32>(4)?.unwrap_or_default(),
-                r.get::<i32>(5)?.unwrap_or_default(),
-                r.get::<TimestampWithTimeZone>(6)?.expect("a lease end"),
+                required(r.get::<i64>(1), "id")?,
+                required(r.get::<String>(2), "queue_name")?,
+                required(r.get::<JsonB>(3), "payload")?,
+                required(r.get::<i32>(4), "attempt")?,
+                required(r.get::<i32>(5), "max_attempts")?,
+                required(r.get::<TimestampWithTimeZone>(6), "lease_expires_at")?,
             )),
             None if id_was_issued(client, id) => None,
             None => unknown_job(id),
         };
-        Ok::<_, pgrx::spi::SpiError>(row)
+        Ok::<_, String>(row)
     })
-    .unwrap_or_else(|e| pgrx::error!("queue_pg: start failed: {e}"));
+    .unwrap_or_else(|e| spi_failed("start", e));
     if row.is_some() {
         wake_on_commit();
     }
@@ -108,9 +109,8 @@ fn heartbeat(
             Some(1),
             &args,
         )
-        .and_then(|t| t.first().get_one::<TimestampWithTimeZone>())
-        .ok()
-        .flatten();
+        .and_then(|t| first_value::<TimestampWithTimeZone>(t, 1))
+        .unwrap_or_else(|e| spi_failed("heartbeat", e));
         until.unwrap_or_else(|| explain_not_running(client, id, attempt, "heartbeat"))
     })
 }

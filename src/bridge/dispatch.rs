@@ -5,9 +5,9 @@
 //! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
 //! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
 
-use crate::redis::{iso_utc, iso_utc_from_pg, Keys};
+use crate::redis::{iso_utc, iso_utc_from_pg, Conn, Keys};
 use crate::spi_plans::types::{INT8, INT8_ARRAY};
-use crate::spi_plans::{self, with_plan};
+use crate::spi_plans::{self, required, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::spi::SpiClient;
 use std::time::SystemTime;
@@ -82,7 +82,7 @@ pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {
         &args,
     )
     .map(|_| ())
-    .unwrap_or_else(|e| panic!("queue_pg bridge: marking jobs migrated failed: {e}"));
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: marking jobs migrated failed: {e}"));
 }
 
 /// One step of the sweep after id `after`: the lowest id there that dispatch should read from,
@@ -95,34 +95,34 @@ pub fn sweep_step(client: &mut SpiClient<'_>, after: i64) -> (Option<i64>, Optio
             .first()
             .get_two::<i64, i64>()
     })
-    .unwrap_or_else(|e| panic!("queue_pg bridge: sweeping queued jobs failed: {e}"))
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: sweeping queued jobs failed: {e}"))
 }
 
 /// Reads up to `limit` queued jobs of unpaused queues with ids above `after_id`, oldest first.
-/// (`after_id` skips the batch still in flight to Redis, which is not marked yet.)
+/// (`after_id` skips the batch still in flight to Redis, which is not marked yet.) A row that
+/// does not decode is an ERROR, never a message made of defaults.
 pub fn read_batch(client: &mut SpiClient<'_>, after_id: i64, limit: usize) -> Vec<Job> {
     let args = [(limit as i64).into(), after_id.into()];
     with_plan(client, READ_BATCH, &[INT8, INT8], |client, plan| {
-        let rows = client.select(plan, None, &args)?;
-        Ok::<_, pgrx::spi::SpiError>(
-            rows.map(|row| Job {
-                id: row.get(1).ok().flatten().unwrap_or_default(),
-                queue: row.get(2).ok().flatten().unwrap_or_default(),
-                priority: row.get(3).ok().flatten().unwrap_or_default(),
-                payload: row.get(4).ok().flatten().unwrap_or_else(|| "null".into()),
-                attempt_count: row.get(5).ok().flatten().unwrap_or_default(),
-                max_attempts: row.get(6).ok().flatten().unwrap_or_default(),
-                enqueued_at: row
-                    .get::<TimestampWithTimeZone>(7)
-                    .ok()
-                    .flatten()
-                    .map(|t| iso_utc_from_pg(t.into_inner()))
-                    .unwrap_or_default(),
+        let rows = client
+            .select(plan, None, &args)
+            .map_err(|e| e.to_string())?;
+        rows.map(|row| {
+            Ok(Job {
+                id: required(row.get(1), "id")?,
+                queue: required(row.get(2), "queue_name")?,
+                priority: required(row.get(3), "priority")?,
+                payload: required(row.get(4), "payload")?,
+                attempt_count: required(row.get(5), "attempt_count")?,
+                max_attempts: required(row.get(6), "max_attempts")?,
+                enqueued_at: iso_utc_from_pg(
+                    required::<TimestampWithTimeZone>(row.get(7), "created_at")?.into_inner(),
+                ),
             })
-            .collect(),
-        )
+        })
+        .collect::<Result<Vec<_>, String>>()
     })
-    .unwrap_or_else(|e| panic!("queue_pg bridge: reading queued jobs failed: {e}"))
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: reading queued jobs failed: {e}"))
 }
 
 /// The list entry workers pop (SPEC.md, "Redis layout"). `attempt` is the attempt this delivery is for.
@@ -156,7 +156,7 @@ pub struct InFlight {
 /// per job, its hash. The bridge reads the reply with [`receive`] after its next Postgres
 /// transaction, so Redis and Postgres work at the same time, and no transaction is open while
 /// the bridge waits for Redis.
-pub fn send(con: &mut redis::Connection, keys: &Keys, jobs: &[Job]) -> Result<InFlight, String> {
+pub fn send(con: &mut Conn, keys: &Keys, jobs: &[Job]) -> Result<InFlight, String> {
     let now = iso_utc(SystemTime::now());
     let mut pipe = redis::pipe();
     pipe.atomic();
@@ -204,8 +204,15 @@ pub fn send(con: &mut redis::Connection, keys: &Keys, jobs: &[Job]) -> Result<In
     })
 }
 
+/// The list positions of `n` messages pushed in one LPUSH, given the push counter after it:
+/// the oldest of them is at `counter - n + 1`, the newest at `counter`.
+fn positions(counter: i64, n: usize) -> impl Iterator<Item = i64> {
+    let first = counter - n as i64 + 1;
+    (0..n as i64).map(move |k| first + k)
+}
+
 /// Reads the reply of a sent batch: what Redis acknowledged, with each job's list position.
-pub fn receive(con: &mut redis::Connection, batch: InFlight) -> Result<Pushed, String> {
+pub fn receive(con: &mut Conn, batch: InFlight) -> Result<Pushed, String> {
     use redis::Value;
     // MULTI → OK, each command → QUEUED, EXEC → the array of the commands' replies.
     for _ in 0..=batch.commands {
@@ -228,9 +235,48 @@ pub fn receive(con: &mut redis::Connection, batch: InFlight) -> Result<Pushed, S
                 replies.get(2 * g + 1)
             ));
         };
-        let first = counter - ids.len() as i64 + 1;
-        pushed.seqs.extend((0..ids.len() as i64).map(|k| first + k));
+        pushed.seqs.extend(positions(*counter, ids.len()));
         pushed.ids.extend(ids);
     }
     Ok(pushed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: i64) -> Job {
+        Job {
+            id,
+            queue: "emails".into(),
+            priority: "normal".into(),
+            payload: r#"{"to":"a@b.c"}"#.into(),
+            attempt_count: 0,
+            max_attempts: 5,
+            enqueued_at: "2026-11-30T12:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn the_list_entry_is_the_documented_json() {
+        assert_eq!(
+            message(&job(42)),
+            r#"{"id":42,"queue":"emails","priority":"normal","payload":{"to":"a@b.c"},"attempt":1,"max_attempts":5,"enqueued_at":"2026-11-30T12:00:00.000Z"}"#
+        );
+        let retry = Job {
+            attempt_count: 2,
+            queue: "a\"b".into(),
+            ..job(7)
+        };
+        let v: serde_json::Value = serde_json::from_str(&message(&retry)).unwrap();
+        assert_eq!(v["attempt"], 3, "the delivery is for attempt_count + 1");
+        assert_eq!(v["queue"], "a\"b");
+    }
+
+    #[test]
+    fn positions_count_back_from_the_counter() {
+        assert_eq!(positions(10, 3).collect::<Vec<_>>(), vec![8, 9, 10]);
+        assert_eq!(positions(1, 1).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(positions(5, 0).count(), 0);
+    }
 }

@@ -31,7 +31,7 @@ const NEXT_DUE: &str = "
 pub fn promote_due(client: &mut SpiClient<'_>) -> Option<i64> {
     spi_plans::update(client, PROMOTE_DUE, &[INT8], None, &[PROMOTE_LIMIT.into()])
         .and_then(|t| t.first().get_one::<i64>())
-        .unwrap_or_else(|e| panic!("queue_pg bridge: promoting due jobs failed: {e}"))
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: promoting due jobs failed: {e}"))
 }
 
 /// How long until the next scheduled or retrying job falls due (None if there is none;
@@ -40,7 +40,6 @@ pub fn next_due_in(client: &mut SpiClient<'_>) -> Option<Duration> {
     with_plan(client, NEXT_DUE, &[], |client, plan| {
         client.select(plan, Some(1), &[])?.first().get_one::<i64>()
     })
-    .ok()
-    .flatten()
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: reading the next due time failed: {e}"))
     .map(|ms| Duration::from_millis(ms.max(0) as u64))
 }

@@ -1,7 +1,7 @@
 //! The bridge's Redis connection: connects lazily, retries with a capped exponential backoff
 //! while Redis is unreachable, and logs once per change of state (never once per attempt).
 
-use crate::redis::{connect, redact, without_signals};
+use crate::redis::{redact, Conn};
 use crate::settings;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 
 pub struct RedisLink {
     url: String,
-    con: Option<redis::Connection>,
+    con: Option<Conn>,
     /// While Redis is down: when to try again, and the delay after that.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -50,12 +50,16 @@ impl RedisLink {
 
     /// The connection, opening it if none is open and the backoff allows. None while Redis is
     /// down and the next attempt is not due yet, or when this attempt failed.
-    pub fn get(&mut self) -> Option<&mut redis::Connection> {
+    pub fn get(&mut self) -> Option<&mut Conn> {
+        self.get_until(Instant::now() + settings::redis_timeout())
+    }
+
+    fn get_until(&mut self, deadline: Instant) -> Option<&mut Conn> {
         if self.con.is_none() {
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
                 return None;
             }
-            match without_signals(|| connect(&self.url, settings::redis_timeout())) {
+            match Conn::open(&self.url, deadline, stopping) {
                 Ok(con) => {
                     if self.reachable != Some(true) {
                         let again = if self.reachable.is_some() {
@@ -84,14 +88,14 @@ impl RedisLink {
         self.con.as_mut()
     }
 
-    /// Runs `f` on the connection (opening it if needed) with signals held back; on an error,
-    /// drops the connection and backs off. None if Redis is down or `f` failed.
-    pub fn run<R>(
-        &mut self,
-        f: impl FnOnce(&mut redis::Connection) -> Result<R, String>,
-    ) -> Option<R> {
-        let con = self.get()?;
-        match without_signals(|| f(con)) {
+    /// Runs `f` on the connection (opening it if needed): one step, which waits on Redis at most
+    /// `queue.redis_timeout` in all, connecting included. On an error, drops the connection
+    /// (it may be mid-reply) and backs off. None if Redis is down or `f` failed.
+    pub fn run<R>(&mut self, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> Option<R> {
+        let deadline = Instant::now() + settings::redis_timeout();
+        let con = self.get_until(deadline)?;
+        con.set_deadline(deadline);
+        match f(con) {
             Ok(r) => Some(r),
             Err(e) => {
                 self.failed(e);
@@ -129,4 +133,10 @@ impl RedisLink {
             .filter(|_| self.con.is_none())
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
+}
+
+/// A wait on Redis ends early when the bridge is asked to stop (SIGTERM), so that a fast
+/// shutdown stays fast with a frozen Redis.
+fn stopping() -> bool {
+    unsafe { std::ptr::read_volatile(&raw const pgrx::pg_sys::ShutdownRequestPending) != 0 }
 }

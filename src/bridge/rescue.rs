@@ -10,8 +10,9 @@
 //! - prunes completed jobs older than `queue.completed_retention`, in bounded batches.
 
 use crate::api::finish::fail_running_job;
-use crate::redis::Keys;
+use crate::redis::{Conn, Keys};
 use crate::settings;
+use crate::spi_plans::required;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::{HashMap, VecDeque};
@@ -62,7 +63,7 @@ const PRUNE_COMPLETED: &str = "
         LIMIT 5000)";
 
 /// Sets the epoch key if it is missing; true if it was missing (Redis is new or lost its data).
-pub fn epoch_was_missing(con: &mut redis::Connection, keys: &Keys) -> Result<bool, String> {
+pub fn epoch_was_missing(con: &mut Conn, keys: &Keys) -> Result<bool, String> {
     let token = format!(
         "{}-{}",
         unsafe { pg_sys::MyProcPid },
@@ -82,23 +83,29 @@ pub fn requeue_all_migrated(client: &mut SpiClient<'_>) -> usize {
     client
         .update(REQUEUE_ALL_MIGRATED, None, &[])
         .map(|t| t.len())
-        .unwrap_or_else(|e| panic!("queue_pg bridge: re-queueing migrated jobs failed: {e}"))
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: re-queueing migrated jobs failed: {e}"))
 }
 
 /// The lists that hold migrated jobs.
 pub fn migrated_lists(client: &SpiClient<'_>) -> Vec<(String, String)> {
     client
         .select(MIGRATED_LISTS, None, &[])
-        .map(|rows| {
-            rows.filter_map(|r| Some((r.get::<String>(1).ok()??, r.get::<String>(2).ok()??)))
-                .collect()
+        .map_err(|e| e.to_string())
+        .and_then(|rows| {
+            rows.map(|r| {
+                Ok((
+                    required(r.get::<String>(1), "queue_name")?,
+                    required(r.get::<String>(2), "priority")?,
+                ))
+            })
+            .collect()
         })
-        .unwrap_or_else(|e| panic!("queue_pg bridge: listing migrated jobs failed: {e}"))
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: listing migrated jobs failed: {e}"))
 }
 
 /// For each list, how many of its messages have left it (`pushed - LLEN`), in one round trip.
 pub fn popped_counts(
-    con: &mut redis::Connection,
+    con: &mut Conn,
     keys: &Keys,
     lists: &[(String, String)],
 ) -> Result<Vec<i64>, String> {
@@ -168,7 +175,7 @@ pub fn redispatch_unstarted(
             .update(REDISPATCH_UNSTARTED, None, &args)
             .map(|t| t.len())
             .unwrap_or_else(|e| {
-                panic!("queue_pg bridge: re-dispatching unstarted jobs failed: {e}")
+                pgrx::error!("queue_pg bridge: re-dispatching unstarted jobs failed: {e}")
             });
     }
     again
@@ -178,11 +185,9 @@ pub fn redispatch_unstarted(
 pub fn expire_leases(client: &mut SpiClient<'_>) -> usize {
     let ids: Vec<i64> = client
         .update(EXPIRED_LEASES, None, &[])
-        .map(|rows| {
-            rows.filter_map(|r| r.get::<i64>(1).ok().flatten())
-                .collect()
-        })
-        .unwrap_or_else(|e| panic!("queue_pg bridge: finding expired leases failed: {e}"));
+        .map_err(|e| e.to_string())
+        .and_then(|rows| rows.map(|r| required(r.get::<i64>(1), "id")).collect())
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: finding expired leases failed: {e}"));
     for &id in &ids {
         fail_running_job(client, id, "lease expired", None);
     }
@@ -198,5 +203,44 @@ pub fn prune_completed(client: &mut SpiClient<'_>) -> usize {
             &[settings::completed_retention_s().into()],
         )
         .map(|t| t.len())
-        .unwrap_or_else(|e| panic!("queue_pg bridge: pruning completed jobs failed: {e}"))
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: pruning completed jobs failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list() -> Vec<(String, String)> {
+        vec![("emails".into(), "normal".into())]
+    }
+
+    #[test]
+    fn nothing_is_due_before_the_timeout() {
+        let mut h = PopHistory::default();
+        let t = Duration::from_secs(3600);
+        assert_eq!(h.observe(&list(), &[5], t), vec![0]);
+        assert_eq!(h.observe(&list(), &[9], t), vec![0]);
+    }
+
+    #[test]
+    fn a_position_popped_longer_ago_than_the_timeout_is_due() {
+        let mut h = PopHistory::default();
+        let t = Duration::from_millis(30);
+        h.observe(&list(), &[5], t);
+        std::thread::sleep(Duration::from_millis(40));
+        // Popped up to 5 at least 30 ms ago; 9 only now.
+        assert_eq!(h.observe(&list(), &[9], t), vec![5]);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(h.observe(&list(), &[9], t), vec![9]);
+    }
+
+    #[test]
+    fn a_counter_that_went_back_starts_a_new_history() {
+        let mut h = PopHistory::default();
+        let t = Duration::from_millis(20);
+        h.observe(&list(), &[50], t);
+        std::thread::sleep(Duration::from_millis(30));
+        // Redis lost its data: the counter restarted at 2. Old positions mean nothing now.
+        assert_eq!(h.observe(&list(), &[2], t), vec![0]);
+    }
 }

@@ -1,21 +1,24 @@
 //! Redis follows Postgres after commit: the bridge applies `queue.redis_outbox` (written by the
 //! lifecycle functions in their transactions) to the job hashes and the dead-letter list, then
-//! deletes the rows it applied, counting the outcomes among them into `queue.stats` in the same
-//! transaction (so each is counted once). Every Redis command is idempotent, so a crash in between
-//! only means applying a change twice.
+//! deletes the rows it applied by their ids. Every Redis command is idempotent, so a crash in
+//! between only means applying a change twice.
+//!
+//! Outcomes are counted into `queue.stats` without waiting for Redis: once per poll interval
+//! [`count_outcomes`] counts the rows not counted yet and marks them, and the delete counts
+//! whatever it removes unmarked, in its own transaction. Either way a row is counted once.
 
 use super::shared;
-use crate::redis::{iso_utc, iso_utc_from_pg, Keys};
+use crate::redis::{iso_utc, iso_utc_from_pg, Conn, Keys};
 use crate::settings;
-use crate::spi_plans::types::{INT8, TEXT_ARRAY};
-use crate::spi_plans::{self, with_plan};
+use crate::spi_plans::types::{INT8, INT8_ARRAY};
+use crate::spi_plans::{self, optional, required, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::spi::SpiClient;
 use std::time::SystemTime;
 
 /// One outbox row with the job's current state (None when the job no longer exists).
 pub struct Change {
-    ctid: String,
+    id: i64,
     job_id: i64,
     replayed: bool,
     /// The state the job entered with this change.
@@ -38,10 +41,10 @@ struct JobState {
 // subquery into a join, which it planned as a hash join over all of queue.jobs (a full scan in
 // every bridge cycle). Only a dead job's payload is needed (for its dead-letter entry).
 const READ_OUTBOX: &str = "
-    SELECT o.ctid::text, o.job_id, o.event, o.status AS entered, j.status, j.queue_name,
+    SELECT o.id, o.job_id, o.event, o.status AS entered, j.status, j.queue_name,
            j.attempt_count, j.last_error_message, j.failed_at, j.retry_delay_ms, j.payload,
            j.priority
-    FROM (SELECT ctid, job_id, event, status FROM queue.redis_outbox LIMIT $1) o
+    FROM (SELECT id, job_id, event, status FROM queue.redis_outbox ORDER BY id LIMIT $1) o
     LEFT JOIN LATERAL (
         SELECT status, queue_name, attempt_count, last_error_message, failed_at,
                (EXTRACT(EPOCH FROM (run_at - updated_at)) * 1000)::bigint AS retry_delay_ms,
@@ -60,21 +63,42 @@ macro_rules! add_to_stats {
     };
 }
 
-// Deletes the applied rows and counts the outcomes among them, per queue and minute.
-const DELETE_APPLIED: &str = concat!(
-    "
-    WITH applied AS (
-        DELETE FROM queue.redis_outbox WHERE ctid = ANY($1::tid[])
-        RETURNING queue_name, status, at)
+/// Counts outcome rows per queue and minute, from a CTE `rows (queue_name, status, at)`.
+macro_rules! count_rows {
+    () => {
+        "
     INSERT INTO queue.stats AS s (queue_name, minute, completed, retried, failed, cancelled)
     SELECT queue_name, date_trunc('minute', at),
            count(*) FILTER (WHERE status = 'completed'),
            count(*) FILTER (WHERE status = 'retry_scheduled'),
            count(*) FILTER (WHERE status = 'failed'),
            count(*) FILTER (WHERE status = 'cancelled')
-    FROM applied
+    FROM rows
     WHERE status IN ('completed', 'retry_scheduled', 'failed', 'cancelled')
-    GROUP BY 1, 2",
+    GROUP BY 1, 2"
+    };
+}
+
+// Deletes the applied rows and counts the outcomes among them not counted yet.
+const DELETE_APPLIED: &str = concat!(
+    "
+    WITH deleted AS (
+        DELETE FROM queue.redis_outbox WHERE id = ANY($1::bigint[])
+        RETURNING queue_name, status, at, counted),
+    rows AS (SELECT * FROM deleted WHERE NOT counted)",
+    count_rows!(),
+    add_to_stats!()
+);
+
+// Counts the outcomes among the rows still waiting for Redis, once: monitoring does not wait for
+// Redis to come back.
+const COUNT_WAITING: &str = concat!(
+    "
+    WITH rows AS (
+        UPDATE queue.redis_outbox SET counted = true
+        WHERE NOT counted AND status IN ('completed', 'retry_scheduled', 'failed', 'cancelled')
+        RETURNING queue_name, status, at)",
+    count_rows!(),
     add_to_stats!()
 );
 
@@ -111,51 +135,68 @@ const REMOVE_DEAD_LETTER: &str = "
     redis.call('DEL', KEYS[2])
     return removed";
 
-/// Reads up to `limit` pending changes. Runs inside the caller's transaction.
+/// Reads up to `limit` pending changes, oldest first. Runs inside the caller's transaction.
+/// A row that does not decode is an ERROR (logged, and in `health()`), never a default.
 pub fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
     with_plan(client, READ_OUTBOX, &[INT8], |client, plan| {
-        let rows = client.select(plan, None, &[(limit as i64).into()])?;
-        Ok::<_, pgrx::spi::SpiError>(
-            rows.map(|row| {
-                let status: Option<String> = row.get(5).ok().flatten();
-                Change {
-                    ctid: row.get(1).ok().flatten().unwrap_or_default(),
-                    job_id: row.get(2).ok().flatten().unwrap_or_default(),
-                    replayed: row.get::<String>(3).ok().flatten().as_deref() == Some("replayed"),
-                    entered: row.get(4).ok().flatten().unwrap_or_default(),
-                    job: status.map(|status| JobState {
-                        queue: row.get(6).ok().flatten().unwrap_or_default(),
-                        attempt_count: row.get(7).ok().flatten().unwrap_or_default(),
-                        error: row.get(8).ok().flatten(),
-                        failed_at: row
-                            .get::<TimestampWithTimeZone>(9)
-                            .ok()
-                            .flatten()
-                            .map(|t| iso_utc_from_pg(t.into_inner())),
-                        retry_delay_ms: (status == "retry_scheduled")
-                            .then(|| row.get::<i64>(10).ok().flatten())
-                            .flatten(),
-                        payload: row.get(11).ok().flatten().unwrap_or_else(|| "null".into()),
-                        priority: row.get(12).ok().flatten().unwrap_or_default(),
-                        status,
-                    }),
-                }
+        let rows = client
+            .select(plan, None, &[(limit as i64).into()])
+            .map_err(|e| e.to_string())?;
+        rows.map(|row| {
+            let status: Option<String> = optional(row.get(5), "jobs.status")?;
+            let job = match status {
+                None => None,
+                Some(status) => Some(JobState {
+                    queue: required(row.get(6), "jobs.queue_name")?,
+                    attempt_count: required(row.get(7), "jobs.attempt_count")?,
+                    error: optional(row.get(8), "jobs.last_error_message")?,
+                    failed_at: optional(row.get::<TimestampWithTimeZone>(9), "jobs.failed_at")?
+                        .map(|t| iso_utc_from_pg(t.into_inner())),
+                    retry_delay_ms: match status.as_str() {
+                        "retry_scheduled" => Some(required(row.get(10), "the retry delay")?),
+                        _ => None,
+                    },
+                    payload: match status.as_str() {
+                        "failed" => required(row.get(11), "jobs.payload")?,
+                        _ => String::new(),
+                    },
+                    priority: required(row.get(12), "jobs.priority")?,
+                    status,
+                }),
+            };
+            Ok(Change {
+                id: required(row.get(1), "redis_outbox.id")?,
+                job_id: required(row.get(2), "redis_outbox.job_id")?,
+                replayed: required::<String>(row.get(3), "redis_outbox.event")? == "replayed",
+                entered: required(row.get(4), "redis_outbox.status")?,
+                job,
             })
-            .collect(),
-        )
+        })
+        .collect::<Result<Vec<_>, String>>()
     })
-    .unwrap_or_else(|e| panic!("queue_pg bridge: reading the Redis outbox failed: {e}"))
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: reading the Redis outbox failed: {e}"))
 }
 
-/// Deletes the applied rows and counts their outcomes. Runs inside the caller's transaction.
+/// Deletes the applied rows and counts their outcomes not counted yet. Runs inside the caller's
+/// transaction.
 pub fn delete_applied(client: &mut SpiClient<'_>, changes: &[Change]) {
     if changes.is_empty() {
         return;
     }
-    let ctids: Vec<String> = changes.iter().map(|c| c.ctid.clone()).collect();
-    spi_plans::update(client, DELETE_APPLIED, &[TEXT_ARRAY], None, &[ctids.into()])
+    let ids: Vec<i64> = changes.iter().map(|c| c.id).collect();
+    spi_plans::update(client, DELETE_APPLIED, &[INT8_ARRAY], None, &[ids.into()])
         .map(|_| ())
-        .unwrap_or_else(|e| panic!("queue_pg bridge: deleting applied outbox rows failed: {e}"));
+        .unwrap_or_else(|e| {
+            pgrx::error!("queue_pg bridge: deleting applied outbox rows failed: {e}")
+        });
+}
+
+/// Counts the outcomes of changes still waiting for Redis (see the module doc). Runs inside the
+/// caller's transaction.
+pub fn count_outcomes(client: &mut SpiClient<'_>) {
+    spi_plans::update(client, COUNT_WAITING, &[], None, &[])
+        .map(|_| ())
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: counting outcomes failed: {e}"));
 }
 
 /// The bridge's own totals, published once the transaction that counted them has committed.
@@ -169,7 +210,9 @@ pub fn publish_totals(changes: &[Change]) {
 pub fn fold_stats(client: &mut SpiClient<'_>) {
     spi_plans::update(client, FOLD_STATS, &[], None, &[])
         .map(|_| ())
-        .unwrap_or_else(|e| panic!("queue_pg bridge: folding old queue.stats minutes failed: {e}"));
+        .unwrap_or_else(|e| {
+            pgrx::error!("queue_pg bridge: folding old queue.stats minutes failed: {e}")
+        });
 }
 
 /// The dead-letter entry of a job (SPEC.md). It starts with `{"id":<id>,`, which is how
@@ -196,7 +239,7 @@ fn json(s: &str) -> String {
 
 /// Applies the changes to Redis in one pipelined round trip: removals of replayed jobs'
 /// dead-letter entries first, then each job's hash (once per job) and, for dead jobs, their entry.
-pub fn apply(con: &mut redis::Connection, keys: &Keys, changes: &[Change]) -> Result<(), String> {
+pub fn apply(con: &mut Conn, keys: &Keys, changes: &[Change]) -> Result<(), String> {
     let now = iso_utc(SystemTime::now());
     let hash_ttl = settings::job_hash_ttl_s();
     let dead_ttl = settings::dead_letter_ttl_s();

@@ -136,22 +136,49 @@ struct Step {
     sweep_next: Option<i64>,
 }
 
-/// Runs `f` in a transaction of its own with an SPI connection.
+/// Runs `f` in a transaction of its own with an SPI connection. An ERROR or panic inside is
+/// published as the bridge's last error (for `queue.health()`) before it ends the bridge, which
+/// the postmaster then restarts; Postgres logs it.
 pub fn in_transaction<R>(f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
     let f = AssertUnwindSafe(f);
-    BackgroundWorker::transaction(move || {
-        let f = f; // the whole wrapper, not just its field
-        Spi::connect_mut(|client| (f.0)(client))
-    })
+    let run = AssertUnwindSafe(move || {
+        BackgroundWorker::transaction(move || {
+            let f = f; // the whole wrapper, not just its field
+            Spi::connect_mut(|client| (f.0)(client))
+        })
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(r) => r,
+        Err(payload) => {
+            shared::record_error(&panic_message(payload.as_ref()));
+            std::panic::resume_unwind(payload)
+        }
+    }
+}
+
+/// The message of an ERROR or panic caught in the bridge.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    use pgrx::pg_sys::panic::CaughtError;
+    if let Some(e) = payload.downcast_ref::<CaughtError>() {
+        let report = match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+            CaughtError::RustPanic { ereport, .. } => ereport,
+        };
+        return report.message().to_owned();
+    }
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "the bridge panicked".into())
 }
 
 fn extension_present(client: &mut SpiClient<'_>) -> bool {
     with_plan(client, EXTENSION_PRESENT, &[], |client, plan| {
         client.select(plan, Some(1), &[])?.first().get_one::<bool>()
     })
-    .ok()
-    .flatten()
-    .unwrap_or(false)
+    .map(|present| present == Some(true))
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: checking for the extension failed: {e}"))
 }
 
 /// How often a sweep for unannounced queued jobs starts (see the module doc).
@@ -327,6 +354,7 @@ impl Bridge {
             .is_none_or(|at| at.elapsed() >= STATS_FOLD_INTERVAL);
         let done = in_transaction(|client| {
             extension_present(client).then(|| {
+                sync::count_outcomes(client);
                 if fold {
                     sync::fold_stats(client);
                 }

@@ -3,7 +3,7 @@
 //! lag. Cheap on big tables: each state is counted through its own partial index (live jobs
 //! only, never the finished ones), and outcomes come from `queue.stats`, which the bridge keeps.
 
-use crate::spi_plans::with_plan;
+use crate::spi_plans::{first_value, optional, required, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -110,44 +110,46 @@ pub fn per_queue(client: &mut SpiClient<'_>) -> Vec<QueueFigures> {
         let rows = client
             .select(plan, None, &[])
             .unwrap_or_else(|e| error!("queue_pg: reading queue figures failed: {e}"));
-        rows.map(|r| {
-            let n = |i: usize| r.get::<i64>(i).ok().flatten().unwrap_or(0);
-            let outcomes = |first: usize| Outcomes {
-                completed: n(first),
-                retried: n(first + 1),
-                failed: n(first + 2),
-                cancelled: n(first + 3),
+        // Every count is COALESCEd in the query: a NULL or a decoding failure is an error.
+        let decode = |r: pgrx::spi::SpiHeapTupleData<'_>| -> Result<QueueFigures, String> {
+            let n = |i: usize| required(r.get::<i64>(i), "a count");
+            let outcomes = |first: usize| -> Result<Outcomes, String> {
+                Ok(Outcomes {
+                    completed: n(first)?,
+                    retried: n(first + 1)?,
+                    failed: n(first + 2)?,
+                    cancelled: n(first + 3)?,
+                })
             };
-            QueueFigures {
-                queue: r.get::<String>(1).ok().flatten().unwrap_or_default(),
-                paused: r.get::<bool>(2).ok().flatten().unwrap_or(false),
-                queued: n(3),
-                scheduled: n(4),
-                migrated: n(5),
-                running: n(6),
-                retry_scheduled: n(7),
-                dead: n(8),
-                oldest_age_s: r.get::<f64>(9).ok().flatten().unwrap_or(0.0),
-                oldest_failed_at: r
-                    .get::<TimestampWithTimeZone>(10)
-                    .ok()
-                    .flatten()
+            Ok(QueueFigures {
+                queue: required(r.get::<String>(1), "queue_name")?,
+                paused: required(r.get::<bool>(2), "paused")?,
+                queued: n(3)?,
+                scheduled: n(4)?,
+                migrated: n(5)?,
+                running: n(6)?,
+                retry_scheduled: n(7)?,
+                dead: n(8)?,
+                oldest_age_s: required(r.get::<f64>(9), "oldest_age_s")?,
+                oldest_failed_at: optional(r.get::<TimestampWithTimeZone>(10), "oldest_failed")?
                     .map(|t| t.into_inner()),
-                last_hour: outcomes(11),
-                total: outcomes(15),
-            }
-        })
-        .collect()
+                last_hour: outcomes(11)?,
+                total: outcomes(15)?,
+            })
+        };
+        rows.map(decode)
+            .collect::<Result<Vec<_>, String>>()
+            .unwrap_or_else(|e| error!("queue_pg: reading queue figures failed: {e}"))
     })
 }
 
-/// The bridge's lag in milliseconds: 0 when nothing waits for it.
+/// The bridge's lag in milliseconds: 0 when nothing waits for it. A failed query is an ERROR.
 pub fn bridge_lag_ms(client: &mut SpiClient<'_>) -> i64 {
     with_plan(client, BRIDGE_LAG_MS, &[], |client, plan| {
         client
             .select(plan, Some(1), &[])
-            .ok()
-            .and_then(|t| t.first().get_one::<i64>().ok().flatten())
-            .unwrap_or(0)
+            .and_then(|t| first_value::<i64>(t, 1))
     })
+    .unwrap_or_else(|e| error!("queue_pg: reading the bridge's lag failed: {e}"))
+    .unwrap_or(0) // no row: nothing waits
 }

@@ -62,11 +62,13 @@ fn document(
 
     let mut per_queue = Map::new();
     for (i, q) in queues.iter().enumerate() {
-        let lists = redis.lists.get(i).copied().unwrap_or([0; 3]);
+        // Unknown while Redis cannot be asked: null, not 0.
+        let lists = redis.lists.get(i).copied();
+        let list = |p: usize| lists.map(|l| l[p]);
         per_queue.insert(
             q.queue.clone(),
             json!({
-                "high": lists[0], "normal": lists[1], "low": lists[2],
+                "high": list(0), "normal": list(1), "low": list(2),
                 "queued": q.queued, "scheduled": q.scheduled, "retry_scheduled": q.retry_scheduled,
                 "running": q.running, "oldest_age_s": q.oldest_age_s,
             }),

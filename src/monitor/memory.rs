@@ -12,10 +12,10 @@
 use super::redis_probe::info_field;
 use crate::api::errors::raise;
 use crate::redis::conn::scrub;
-use crate::redis::{connect, without_signals, Keys};
+use crate::redis::{connect_for_call, Conn, Keys};
 use crate::settings;
 use crate::spi_plans::types::INT8_ARRAY;
-use crate::spi_plans::with_plan;
+use crate::spi_plans::{required, with_plan};
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -78,7 +78,7 @@ impl Sweep {
     }
 
     /// One SCAN call; returns the ids of the job hashes it found that have no TTL.
-    pub fn scan(&mut self, con: &mut redis::Connection) -> Result<Vec<i64>, String> {
+    pub fn scan(&mut self, con: &mut Conn) -> Result<Vec<i64>, String> {
         let (cursor, found): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(self.cursor)
             .arg("MATCH")
@@ -112,7 +112,7 @@ impl Sweep {
     /// of the `unfinished` jobs.
     pub fn expire(
         &mut self,
-        con: &mut redis::Connection,
+        con: &mut Conn,
         keys: &Keys,
         ids: &[i64],
         unfinished: &HashSet<i64>,
@@ -153,28 +153,28 @@ fn glob_escape(s: &str) -> String {
 /// Which of `ids` are unfinished jobs. Runs inside the caller's transaction (no Redis here).
 pub fn unfinished(client: &mut SpiClient<'_>, ids: &[i64]) -> HashSet<i64> {
     with_plan(client, UNFINISHED, &[INT8_ARRAY], |client, plan| {
-        let rows = client.select(plan, None, &[ids.to_vec().into()])?;
-        Ok::<_, pgrx::spi::SpiError>(
-            rows.filter_map(|r| r.get::<i64>(1).ok().flatten())
-                .collect(),
-        )
+        let rows = client
+            .select(plan, None, &[ids.to_vec().into()])
+            .map_err(|e| e.to_string())?;
+        rows.map(|r| required(r.get::<i64>(1), "id"))
+            .collect::<Result<HashSet<i64>, String>>()
     })
     .unwrap_or_else(|e| error!("queue_pg: looking up jobs of Redis hashes failed: {e}"))
 }
 
 /// Redis's `used_memory` and `maxmemory` (0: no limit).
-pub fn memory(con: &mut redis::Connection) -> Result<(i64, i64), String> {
+pub fn memory(con: &mut Conn) -> Result<(i64, i64), String> {
     let info: String = redis::cmd("INFO")
         .arg("memory")
         .query(con)
         .map_err(|e| e.to_string())?;
-    let field = |name| info_field(&info, name).unwrap_or(0);
-    Ok((field("used_memory"), field("maxmemory")))
+    let field = |name| info_field(&info, name).ok_or(format!("Redis's INFO memory has no {name}"));
+    Ok((field("used_memory")?, field("maxmemory")?))
 }
 
 /// While Redis uses more than 80 % of its maxmemory, drops the older half of the dead-letter
 /// list (entries are LPUSHed: the newest are at the head). Returns how many entries went.
-pub fn trim_dead_letters(con: &mut redis::Connection, keys: &Keys) -> Result<u64, String> {
+pub fn trim_dead_letters(con: &mut Conn, keys: &Keys) -> Result<u64, String> {
     let list = keys.dead_letter_list();
     let mut trimmed = 0;
     for _ in 0..MAX_TRIMS {
@@ -211,18 +211,19 @@ fn redis_failed(code: PgSqlErrorCode, error: &str, url: &str) -> ! {
     )
 }
 
-/// One Redis step of `optimize_memory`, with signals held back; an ERROR if it fails.
-fn call<R>(
-    con: &mut redis::Connection,
-    url: &str,
-    f: impl FnOnce(&mut redis::Connection) -> Result<R, String>,
-) -> R {
-    without_signals(|| f(con))
-        .unwrap_or_else(|e| redis_failed(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &e, url))
+/// One Redis step of `optimize_memory`; an ERROR if it fails. Every step shares the call's one
+/// deadline (`queue.redis_timeout` from the start of the call).
+fn call<R>(con: &mut Conn, url: &str, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> R {
+    f(con).unwrap_or_else(|e| {
+        check_for_interrupts!(); // a cancelled query says so, not "Redis failed"
+        redis_failed(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &e, url)
+    })
 }
 
 /// Gives finished jobs' Redis hashes their TTL, trims the dead-letter list under memory
-/// pressure, and reports what it did. Each Redis call waits at most `queue.redis_timeout`.
+/// pressure, and reports what it did. All its Redis calls together wait at most
+/// `queue.redis_timeout`: on a keyspace too large for that, raise the setting for the call
+/// (`SET queue.redis_timeout`) or leave the work to the bridge, which does it in slices.
 #[pg_extern(volatile)]
 fn optimize_memory() -> JsonB {
     // The job hashes in Redis belong to the jobs of the bridge's database: judged from any other
@@ -230,7 +231,7 @@ fn optimize_memory() -> JsonB {
     let here = Spi::get_one::<String>("SELECT current_database()::text")
         .ok()
         .flatten()
-        .unwrap_or_default();
+        .unwrap_or_else(|| error!("queue_pg: could not read the current database's name"));
     if here != settings::database() {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -242,14 +243,13 @@ fn optimize_memory() -> JsonB {
     }
     let url = settings::redis_url();
     let keys = Keys::new(settings::redis_prefix());
-    let mut con =
-        without_signals(|| connect(&url, settings::redis_timeout())).unwrap_or_else(|e| {
-            redis_failed(
-                PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                &e,
-                &url,
-            )
-        });
+    let mut con = connect_for_call(&url).unwrap_or_else(|e| {
+        redis_failed(
+            PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            &e,
+            &url,
+        )
+    });
     let (memory_before, maxmemory) = call(&mut con, &url, memory);
     let mut sweep = Sweep::new(&keys);
     while !sweep.done() {
@@ -273,4 +273,15 @@ fn optimize_memory() -> JsonB {
         "memory_after": memory_after,
         "maxmemory": maxmemory,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_escape;
+
+    #[test]
+    fn glob_characters_of_the_prefix_match_literally() {
+        assert_eq!(glob_escape("queue_pg:job:"), "queue_pg:job:");
+        assert_eq!(glob_escape(r"a*b?[c]\d"), r"a\*b\?\[c\]\\d");
+    }
 }

@@ -1,10 +1,10 @@
 //! One bounded look at Redis for monitoring: PING, memory, clients and list lengths, in one
-//! round trip, all within `queue.redis_timeout` in total. Failures are values, never ERRORs.
+//! round trip, all within `queue.redis_timeout` in total. Failures are reported in `error`,
+//! never as ERRORs and never as made-up numbers.
 
-use crate::redis::conn::redact_error;
-use crate::redis::{connect, without_signals, Keys};
+use crate::redis::conn::scrub;
+use crate::redis::{connect_for_call, Keys};
 use crate::settings;
-use std::time::{Duration, Instant};
 
 #[derive(Default)]
 pub struct RedisProbe {
@@ -24,71 +24,88 @@ pub fn info_field(info: &str, name: &str) -> Option<i64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// PING, INFO memory and clients, and per queue the lengths of its three lists, in one round
+/// trip bounded by `queue.redis_timeout` in total (connecting included). A reply of an unexpected
+/// kind is an error, never a number.
 pub fn probe(queues: &[String]) -> RedisProbe {
     let url = settings::redis_url();
-    let timeout = settings::redis_timeout();
-    without_signals(|| {
-        let started = Instant::now();
-        let mut con = match connect(&url, timeout) {
-            Ok(con) => con,
-            Err(e) => {
-                return RedisProbe {
-                    error: Some(e),
-                    ..Default::default()
-                }
-            }
-        };
-        // What is left of the budget bounds the one round trip.
-        let left = timeout
-            .saturating_sub(started.elapsed())
-            .max(Duration::from_millis(1));
-        let _ = con.set_read_timeout(Some(left));
-        let _ = con.set_write_timeout(Some(left));
-        let keys = Keys::new(settings::redis_prefix());
-        let mut pipe = redis::pipe();
-        pipe.cmd("PING")
-            .cmd("INFO")
-            .arg("memory")
-            .cmd("INFO")
-            .arg("clients");
-        for q in queues {
-            for p in ["high", "normal", "low"] {
-                pipe.cmd("LLEN").arg(keys.list(q, p));
-            }
+    match ask(&url, queues) {
+        Ok(probe) => probe,
+        Err(e) => RedisProbe {
+            error: Some(scrub(&e, &url)),
+            ..Default::default()
+        },
+    }
+}
+
+fn ask(url: &str, queues: &[String]) -> Result<RedisProbe, String> {
+    let mut con = connect_for_call(url)?;
+    let keys = Keys::new(settings::redis_prefix());
+    let mut pipe = redis::pipe();
+    pipe.cmd("PING")
+        .cmd("INFO")
+        .arg("memory")
+        .cmd("INFO")
+        .arg("clients");
+    for q in queues {
+        for p in ["high", "normal", "low"] {
+            pipe.cmd("LLEN").arg(keys.list(q, p));
         }
-        let replies: Vec<redis::Value> = match pipe.query(&mut con) {
-            Ok(r) => r,
-            Err(e) => {
-                return RedisProbe {
-                    error: Some(redact_error(&e, &url)),
-                    ..Default::default()
-                }
+    }
+    let replies: Vec<redis::Value> = pipe.query(&mut con).map_err(|e| e.to_string())?;
+    let [ping, memory, clients, lists @ ..] = replies.as_slice() else {
+        return Err(format!("Redis gave {} replies to the probe", replies.len()));
+    };
+    let memory = text(memory)?;
+    let clients = text(clients)?;
+    let field = |info: &str, name: &str| {
+        info_field(info, name).ok_or_else(|| format!("Redis's INFO has no {name}"))
+    };
+    let lengths = lists
+        .chunks(3)
+        .map(|l| {
+            let mut out = [0; 3];
+            for (slot, v) in out.iter_mut().zip(l) {
+                *slot = match v {
+                    redis::Value::Int(n) => *n,
+                    other => return Err(format!("LLEN of a queue list answered {other:?}")),
+                };
             }
-        };
-        let text = |v: &redis::Value| -> String {
-            match v {
-                redis::Value::SimpleString(s) => s.clone(),
-                redis::Value::Okay => "OK".into(),
-                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                redis::Value::VerbatimString { text, .. } => text.clone(),
-                _ => String::new(),
-            }
-        };
-        let int = |v: Option<&redis::Value>| match v {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        };
-        let memory = replies.get(1).map(text).unwrap_or_default();
-        let clients = replies.get(2).map(text).unwrap_or_default();
-        RedisProbe {
-            ping: replies.first().map(text),
-            memory_used: info_field(&memory, "used_memory"),
-            max_memory: info_field(&memory, "maxmemory"),
-            connected_clients: info_field(&clients, "connected_clients"),
-            lists: (0..queues.len())
-                .map(|i| [0, 1, 2].map(|p| int(replies.get(3 + 3 * i + p))))
-                .collect(),
-            error: None,
-        }
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if lengths.len() != queues.len() {
+        return Err("Redis answered fewer LLENs than asked".into());
+    }
+    Ok(RedisProbe {
+        ping: Some(text(ping)?),
+        memory_used: Some(field(&memory, "used_memory")?),
+        max_memory: Some(field(&memory, "maxmemory")?),
+        connected_clients: Some(field(&clients, "connected_clients")?),
+        lists: lengths,
+        error: None,
     })
+}
+
+fn text(v: &redis::Value) -> Result<String, String> {
+    match v {
+        redis::Value::SimpleString(s) => Ok(s.clone()),
+        redis::Value::Okay => Ok("OK".into()),
+        redis::Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::VerbatimString { text, .. } => Ok(text.clone()),
+        other => Err(format!("unexpected reply from Redis: {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::info_field;
+
+    #[test]
+    fn info_fields_are_read_by_exact_name() {
+        let info = "# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nmaxmemory:0\r\n";
+        assert_eq!(info_field(info, "used_memory"), Some(1024));
+        assert_eq!(info_field(info, "maxmemory"), Some(0));
+        assert_eq!(info_field(info, "used_memory_peak"), None);
+    }
 }

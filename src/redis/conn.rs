@@ -1,25 +1,276 @@
-//! Redis connections. Every connection gets `queue.redis_timeout` for connecting, reading and
-//! writing, so no caller ever waits on Redis longer than that.
+//! Redis connections with one deadline per call.
+//!
+//! `queue.redis_timeout` bounds a whole SQL call or bridge step, however many commands and
+//! replies it involves. The redis crate's sync connection applies socket timeouts to each read,
+//! and after one failed reply of a pipeline it still waits for every other: a frozen Redis (one
+//! that accepts connections and never answers) cost one timeout per reply. So [`Conn`] owns its
+//! socket: non-blocking, and every wait is a `poll()` for what is left of the caller's deadline.
+//! Signals interrupt a wait (EINTR) without failing it, unless the caller's `interrupted` check
+//! says to give up (a cancelled query, a bridge asked to stop). After any I/O or protocol error
+//! the connection may be mid-reply, so it is broken for good and its owner drops it.
+//!
+//! The redis crate still encodes commands and parses replies: `Conn` implements its
+//! `ConnectionLike`, so `redis::cmd(…).query(&mut conn)` and pipelines work as usual.
 
-use std::time::Duration;
+use redis::{ConnectionAddr, ConnectionLike, IntoConnectionInfo, Parser, RedisResult, Value};
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
-/// Opens a connection with the timeout applied to connect, AUTH, and every later read and write.
-pub fn connect(url: &str, timeout: Duration) -> Result<redis::Connection, String> {
-    use redis::IntoConnectionInfo;
-    let info = url
-        .into_connection_info()
-        .map_err(|e| redact_error(&e, url))?;
-    // No CLIENT SETINFO in the handshake: each of its replies would get the whole timeout again.
-    let handshake = info.redis_settings().clone().set_skip_set_lib_name();
-    let client = redis::Client::open(info.set_redis_settings(handshake))
-        .map_err(|e| redact_error(&e, url))?;
-    let con = client
-        .get_connection_with_timeout(timeout)
-        .map_err(|e| redact_error(&e, url))?;
-    con.set_read_timeout(Some(timeout))
-        .and_then(|_| con.set_write_timeout(Some(timeout)))
-        .map_err(|e| redact_error(&e, url))?;
-    Ok(con)
+/// A Redis connection whose every wait ends at its current deadline.
+pub struct Conn {
+    stream: TcpStream,
+    parser: Parser,
+    deadline: Instant,
+    /// Called when a wait is interrupted by a signal: true means stop waiting.
+    interrupted: fn() -> bool,
+    broken: bool,
+    db: i64,
+}
+
+/// Never gives up early: for callers with nothing to check.
+pub fn never_interrupted() -> bool {
+    false
+}
+
+impl Conn {
+    /// Connects (TCP connect, AUTH, SELECT) before `deadline`, which then stays the deadline of
+    /// the calls that follow until [`Conn::set_deadline`] moves it. Errors are free of secrets.
+    pub fn open(url: &str, deadline: Instant, interrupted: fn() -> bool) -> Result<Conn, String> {
+        let info = url
+            .into_connection_info()
+            .map_err(|e| redact_error(&e, url))?;
+        let (host, port) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+            _ => return Err(format!("unsupported Redis URL {}", redact(url))),
+        };
+        let addrs: Vec<_> = (host.as_str(), port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve Redis host {host}: {e}"))?
+            .collect();
+        let mut last_error = format!("no address for Redis host {host}");
+        let mut stream = None;
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                last_error = timeout_message();
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last_error = format!("connecting to Redis at {addr}: {e}"),
+            }
+        }
+        let stream = stream.ok_or(last_error)?;
+        stream
+            .set_nonblocking(true)
+            .and_then(|_| stream.set_nodelay(true))
+            .map_err(|e| format!("setting up the Redis socket: {e}"))?;
+        let settings = info.redis_settings();
+        let mut con = Conn {
+            stream,
+            parser: Parser::new(),
+            deadline,
+            interrupted,
+            broken: false,
+            db: settings.db(),
+        };
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = settings.username() {
+                auth.arg(user);
+            }
+            auth.arg(password)
+                .query::<()>(&mut con)
+                .map_err(|e| redact_error(&e, url))?;
+        }
+        if settings.db() != 0 {
+            redis::cmd("SELECT")
+                .arg(settings.db())
+                .query::<()>(&mut con)
+                .map_err(|e| redact_error(&e, url))?;
+        }
+        Ok(con)
+    }
+
+    /// The deadline of the calls from now on.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+    }
+
+    /// Sends commands without reading their replies (see [`Conn::recv_response`]).
+    pub fn send_packed_command(&mut self, bytes: &[u8]) -> RedisResult<()> {
+        self.usable()?;
+        let result = self.io().write_all(bytes);
+        self.mark(result).map_err(Into::into)
+    }
+
+    /// Reads one reply. A server error is a value (`Value::ServerError`), not an `Err`.
+    pub fn recv_response(&mut self) -> RedisResult<Value> {
+        self.usable()?;
+        let mut io = Io {
+            stream: &self.stream,
+            deadline: self.deadline,
+            interrupted: self.interrupted,
+        };
+        let result = self.parser.parse_value(&mut io);
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn io(&self) -> Io<'_> {
+        Io {
+            stream: &self.stream,
+            deadline: self.deadline,
+            interrupted: self.interrupted,
+        }
+    }
+
+    fn usable(&self) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the Redis connection broke earlier in this call",
+            ));
+        }
+        Ok(())
+    }
+
+    fn mark<T>(&mut self, result: io::Result<T>) -> io::Result<T> {
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        self.send_packed_command(cmd)?;
+        self.recv_response()
+    }
+
+    /// Reads `offset + count` replies and returns the last `count`. A server error among the
+    /// first `offset` (MULTI's QUEUED replies) is the result; an I/O error ends the call at once.
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        self.send_packed_command(cmd)?;
+        let mut replies = Vec::with_capacity(count);
+        let mut queue_error = None;
+        for i in 0..offset + count {
+            match self.recv_response()? {
+                Value::ServerError(e) if i < offset => {
+                    queue_error.get_or_insert(e);
+                }
+                _ if i < offset => {}
+                reply => replies.push(reply),
+            }
+        }
+        match queue_error {
+            Some(e) => Err(e.into()),
+            None => Ok(replies),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
+    }
+
+    fn check_connection(&mut self) -> bool {
+        redis::cmd("PING").query::<String>(self).is_ok()
+    }
+
+    fn is_open(&self) -> bool {
+        !self.broken
+    }
+}
+
+fn timeout_message() -> String {
+    "Redis did not answer within queue.redis_timeout (the limit for the whole call)".into()
+}
+
+/// The socket seen through the caller's deadline.
+struct Io<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+    interrupted: fn() -> bool,
+}
+
+impl Io<'_> {
+    /// Waits until the socket is ready for `events`, or fails at the deadline.
+    fn wait(&self, events: libc::c_short) -> io::Result<()> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, timeout_message()));
+            }
+            let mut fd = libc::pollfd {
+                fd: self.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            };
+            let ms = poll_ms(left);
+            match unsafe { libc::poll(&mut fd, 1, ms) } {
+                // Ready, hung up or failed: the next read or write says which.
+                n if n > 0 => return Ok(()),
+                0 => continue, // the loop checks the deadline
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                    if (self.interrupted)() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::Interrupted,
+                            "waiting for Redis was interrupted",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match (&*self.stream).write(bytes) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match (&*self.stream).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                result => return result,
+            }
+        }
+    }
+}
+
+/// poll()'s timeout for `left`: whole milliseconds, rounded up so a wait never ends early.
+fn poll_ms(left: Duration) -> libc::c_int {
+    left.as_micros()
+        .div_ceil(1000)
+        .min(libc::c_int::MAX as u128) as libc::c_int
 }
 
 /// The URL as it may be shown: `redis://user:***@host:port/db`.
@@ -59,18 +310,115 @@ fn password_of(url: &str) -> Option<&str> {
     url[scheme_end + 3..at].split_once(':').map(|(_, p)| p)
 }
 
-/// Runs `f` with every signal blocked, then delivers what arrived meanwhile. Redis sockets have
-/// read and write timeouts (SO_RCVTIMEO), and a signal during such a call fails it with EINTR
-/// instead of restarting it, leaving a half-read reply: Postgres sends its backends signals at
-/// any time (sinval catch-up, latches, reloads). `f` is bounded by `queue.redis_timeout`.
-pub fn without_signals<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let result = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        result
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn redact_hides_the_password_and_keeps_the_user() {
+        assert_eq!(
+            redact("redis://:pw@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact("redis://alice:p:w@host:1"),
+            "redis://alice:***@host:1"
+        );
+        assert_eq!(redact("redis://host:1"), "redis://host:1");
+    }
+
+    #[test]
+    fn scrub_removes_the_password_wherever_it_appears() {
+        let url = "redis://bob:hunter2@h:1";
+        let said = scrub(&format!("failed at {url}: auth hunter2 wrong"), url);
+        assert!(!said.contains("hunter2"), "{said}");
+        assert!(said.contains("redis://bob:***@h:1"), "{said}");
+        assert_eq!(scrub("no secret here", "redis://h:1"), "no secret here");
+    }
+
+    #[test]
+    fn poll_timeout_rounds_up() {
+        assert_eq!(poll_ms(Duration::from_micros(1)), 1);
+        assert_eq!(poll_ms(Duration::from_millis(5)), 5);
+        assert_eq!(poll_ms(Duration::from_micros(5001)), 6);
+    }
+
+    /// A server that accepts connections and never answers: a pipeline of many commands still
+    /// fails once, at the one deadline, not once per reply.
+    #[test]
+    fn a_frozen_server_costs_one_deadline_for_a_whole_pipeline() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://{}", server.local_addr().unwrap());
+        let timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let mut con = Conn::open(&url, started + timeout, never_interrupted).unwrap();
+        let mut pipe = redis::pipe();
+        for i in 0..2000 {
+            pipe.cmd("LLEN").arg(format!("list{i}"));
+        }
+        let result: RedisResult<Vec<i64>> = pipe.query(&mut con);
+        let took = started.elapsed();
+        assert!(result.is_err());
+        assert!(took >= timeout, "gave up early: {took:?}");
+        assert!(took < timeout + Duration::from_millis(200), "took {took:?}");
+        assert!(!con.is_open(), "a timed-out connection must not be reused");
+        let again: RedisResult<i64> = redis::cmd("LLEN").arg("x").query(&mut con);
+        assert!(again.is_err());
+        drop(server);
+    }
+
+    /// A password that the frozen server never acknowledges: AUTH is bounded by the same deadline.
+    #[test]
+    fn auth_against_a_frozen_server_is_bounded_and_secret_free() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://:sekrit-pw@{}", server.local_addr().unwrap());
+        let started = Instant::now();
+        let err = Conn::open(
+            &url,
+            started + Duration::from_millis(200),
+            never_interrupted,
+        )
+        .err()
+        .expect("AUTH cannot succeed");
+        assert!(started.elapsed() < Duration::from_millis(400));
+        assert!(!err.contains("sekrit-pw"), "{err}");
+    }
+
+    /// Replies that arrive are parsed, pipelined, with server errors as values.
+    #[test]
+    fn talks_resp_with_a_scripted_server() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("redis://{}", server.local_addr().unwrap());
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            // Two pipelined commands; answer once both arrived.
+            while seen.windows(4).filter(|w| w == b"LLEN").count() < 2 {
+                let n = s.read(&mut buf).unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b":3\r\n-WRONGTYPE nope\r\n").unwrap();
+        });
+        let mut con = Conn::open(
+            &url,
+            Instant::now() + Duration::from_secs(5),
+            never_interrupted,
+        )
+        .unwrap();
+        let packed = redis::pipe()
+            .cmd("LLEN")
+            .arg("a")
+            .cmd("LLEN")
+            .arg("b")
+            .get_packed_pipeline();
+        let replies = con
+            .req_packed_commands(&packed, 0, 2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(replies[0], Value::Int(3));
+        assert!(matches!(replies[1], Value::ServerError(_)));
+        assert!(con.is_open());
+        peer.join().unwrap();
     }
 }

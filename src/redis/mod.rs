@@ -4,8 +4,25 @@
 pub mod conn;
 pub mod keys;
 
-pub use conn::{connect, redact, without_signals};
+pub use conn::{redact, Conn};
 pub use keys::Keys;
+
+use std::time::Instant;
+
+/// A connection for one SQL call: the call's deadline is `queue.redis_timeout` from now, and a
+/// cancelled query or a terminated backend stops the wait (its next CHECK_FOR_INTERRUPTS acts).
+pub fn connect_for_call(url: &str) -> Result<Conn, String> {
+    let deadline = Instant::now() + crate::settings::redis_timeout();
+    Conn::open(url, deadline, backend_interrupted)
+}
+
+fn backend_interrupted() -> bool {
+    use pgrx::pg_sys;
+    unsafe {
+        std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0
+            || std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0
+    }
+}
 
 /// `2026-11-30T12:00:00.000Z`: the UTC timestamp format of every time queue_pg writes to Redis.
 pub fn iso_utc(t: std::time::SystemTime) -> String {
@@ -41,4 +58,42 @@ fn iso_utc_from_unix_ms(ms: i64) -> String {
         ms_of_day / 1000 % 60,
         ms_of_day % 1000
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn unix_times_format_as_utc_with_milliseconds() {
+        assert_eq!(iso_utc(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_764_504_000_123);
+        assert_eq!(iso_utc(t), "2025-11-30T12:00:00.123Z");
+        // A leap day, and the last millisecond of a year.
+        assert_eq!(
+            iso_utc(UNIX_EPOCH + Duration::from_millis(951_782_400_000)),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert_eq!(
+            iso_utc(UNIX_EPOCH + Duration::from_millis(1_798_761_599_999)),
+            "2026-12-31T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn postgres_times_count_from_2000() {
+        assert_eq!(iso_utc_from_pg(0), "2000-01-01T00:00:00.000Z");
+        assert_eq!(iso_utc_from_pg(-1), "1999-12-31T23:59:59.999Z");
+        assert_eq!(iso_utc_from_pg(1_500), "2000-01-01T00:00:00.001Z");
+    }
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let k = Keys::new("queue_pg");
+        assert_eq!(k.list("emails", "high"), "queue_pg:{emails}:high");
+        assert_eq!(k.job(42), "queue_pg:job:42");
+        assert_eq!(k.dead_letter_list(), "queue_pg:deadletter:queue");
+        assert_eq!(k.dead_letter_marker(42), "queue_pg:deadletter:42");
+    }
 }

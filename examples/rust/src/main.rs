@@ -129,7 +129,11 @@ fn main() -> Result<(), Error> {
         signal_hook::flag::register(signal, Arc::clone(&stopping))?;
     }
     let mut db = Client::connect(&database_url, NoTls)?;
-    let mut redis = redis::Client::open(redis_url)?.get_connection()?;
+    // Every Redis call is bounded: BRPOP waits 1 s, so a reply later than 5 s means Redis hangs.
+    let limit = Duration::from_secs(5);
+    let mut redis = redis::Client::open(redis_url)?.get_connection_with_timeout(limit)?;
+    redis.set_read_timeout(Some(limit))?;
+    redis.set_write_timeout(Some(limit))?;
     println!("ready");
 
     while !stopping.load(Ordering::Relaxed) {
