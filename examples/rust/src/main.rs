@@ -139,7 +139,14 @@ fn main() -> Result<(), Error> {
     while !stopping.load(Ordering::Relaxed) {
         // Short, so SIGTERM is noticed within a second.
         let popped: Option<(String, String)> =
-            redis::cmd("BRPOP").arg(&keys).arg(1).query(&mut redis)?;
+            match redis::cmd("BRPOP").arg(&keys).arg(1).query(&mut redis) {
+                Ok(popped) => popped,
+                // A socket with a timeout is not restarted after a signal: SIGTERM during BRPOP
+                // ends the read with EINTR. A job popped in that instant is rescued after
+                // queue.start_timeout, like one held by a crashed worker.
+                Err(_) if stopping.load(Ordering::Relaxed) => break,
+                Err(err) => return Err(err.into()),
+            };
         let Some((_, message)) = popped else { continue };
         let message: Value = serde_json::from_str(&message)?;
         let Some(id) = message["id"].as_i64() else {
