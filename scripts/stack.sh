@@ -12,13 +12,15 @@
 #   scripts/stack.sh env           # the settings below, for `eval`
 #
 # Settings (environment): QPG_HOME (default /tmp/queue_pg), QPG_PGPORT (55432),
-# QPG_REDIS_PORT (56379), QPG_REDIS_PASSWORD (none).
+# QPG_REDIS_PORT (56379), QPG_REDIS_PASSWORD (none), QPG_EXTRA_PRELOAD (none; more libraries for
+# shared_preload_libraries, e.g. pg_stat_statements, which the tests use to measure the bridge).
 set -euo pipefail
 
 QPG_HOME=${QPG_HOME:-/tmp/queue_pg}
 QPG_PGPORT=${QPG_PGPORT:-55432}
 QPG_REDIS_PORT=${QPG_REDIS_PORT:-56379}
 QPG_REDIS_PASSWORD=${QPG_REDIS_PASSWORD:-}
+QPG_EXTRA_PRELOAD=${QPG_EXTRA_PRELOAD:-}
 BIN=/usr/lib/postgresql/15/bin
 PGDATA="$QPG_HOME/pgdata"
 
@@ -88,7 +90,8 @@ up() {
 port = $QPG_PGPORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$QPG_HOME'
-shared_preload_libraries = 'queue_pg'
+shared_preload_libraries = 'queue_pg${QPG_EXTRA_PRELOAD:+,$QPG_EXTRA_PRELOAD}'
+pg_stat_statements.track = all
 queue.database = 'postgres'
 queue.redis_url = '$(redis_url)'
 max_connections = 200
