@@ -14,11 +14,10 @@ def all_ids(r, queue):
 
 def test_enqueue_works_without_redis_and_everything_arrives_once_it_is_back(db, r):
     stack("redis-stop")
-    start = time.monotonic()
+    # (That enqueue never waits on Redis, even a frozen one, test_frozen_redis shows.)
     ids = [db.execute("SELECT queue.enqueue('offline', %s)", (f'{{"i": {i}}}',)).fetchone()[0]
            for i in range(1000)]
     assert len(set(ids)) == 1000
-    assert time.monotonic() - start < 30  # enqueue never waits on Redis
     time.sleep(1)  # the bridge tries, fails, and backs off meanwhile
     queued = db.execute("SELECT count(*) FROM queue.jobs WHERE status = 'queued'").fetchone()[0]
     assert queued == 1000

@@ -199,7 +199,7 @@ def test_complete_many_completes_only_running_jobs(db, r):
 
 def test_heartbeat_extends_the_lease(db, r):
     job_id = db.execute("SELECT queue.enqueue('hb', '1')").fetchone()[0]
-    pop(r, "hb")
+    assert pop(r, "hb")["id"] == job_id
     lease_end = start(db, job_id, "10 seconds")[5]
     new_end = db.execute("SELECT queue.heartbeat(%s, interval '1 hour', 1)", (job_id,)).fetchone()[0]
     assert (new_end - lease_end).total_seconds() > 3000
@@ -258,8 +258,7 @@ def test_per_queue_lease_and_backoff_settings(db, r):
     db.execute("INSERT INTO queue.queues (queue_name, lease, backoff_base, backoff_max) "
                "VALUES ('tuned', '2 seconds', '100 ms', '300 ms')")
     ids = [x[0] for x in db.execute("SELECT * FROM queue.enqueue_many('tuned', '[1, 2]', 'normal', 5)").fetchall()]
-    for job_id in ids:
-        pop(r, "tuned")
+    assert [pop(r, "tuned")["id"] for _ in ids] == ids
     got = start(db, ids[0])
     lease_s = db.execute("SELECT extract(epoch FROM %s - now())", (got[5],)).fetchone()[0]
     assert 1.5 < float(lease_s) <= 2.0

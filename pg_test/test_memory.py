@@ -74,7 +74,8 @@ def test_finished_hashes_get_a_ttl_and_unfinished_ones_stay(db, r):
     assert report["scanned"] >= FINISHED + UNFINISHED + len(pruned)  # SCAN may repeat a key
     assert report["expired"] == FINISHED - 1 + len(pruned)
     assert report["kept"] >= UNFINISHED
-    assert report["trimmed"] == 0 and report["memory_before"] > 0
+    assert report["trimmed"] == 0 and report["memory_before"] > 0 and report["memory_after"] > 0
+    assert report["maxmemory"] == int(r.config_get("maxmemory")["maxmemory"])
 
     day = 86_400
     finished_ttls = ttls(r, finished[1:] + pruned)

@@ -49,13 +49,13 @@ def test_popped_but_never_started_is_dispatched_again_after_start_timeout(db, r)
 
 def test_a_backlog_nobody_pops_is_never_dispatched_twice(db, r):
     set_config(db, start_timeout="1s")
-    db.execute("SELECT count(*) FROM queue.enqueue_many('backlog', (SELECT jsonb_agg(g) FROM generate_series(1, 5000) g))")
+    assert db.execute("SELECT count(*) FROM queue.enqueue_many('backlog', "
+                      "(SELECT jsonb_agg(g) FROM generate_series(1, 5000) g))").fetchone()[0] == 5000
     wait_for(lambda: db.execute("SELECT count(*) FROM queue.jobs WHERE status = 'migrated'").fetchone()[0] == 5000,
              timeout=30)
     time.sleep(3.5)  # start_timeout and a few bridge ticks
     assert r.llen(list_key("backlog")) == 5000
-    dispatched = db.execute("SELECT count(*), count(DISTINCT dispatched_at) FROM queue.jobs WHERE status = 'migrated'").fetchone()
-    assert dispatched[0] == 5000
+    assert db.execute("SELECT count(*) FROM queue.jobs WHERE status = 'migrated'").fetchone()[0] == 5000
     assert db.execute("SELECT count(*) FROM queue.jobs WHERE dispatched_at > now() - interval '3 seconds'").fetchone()[0] == 0, \
         "a job was pushed again"
 

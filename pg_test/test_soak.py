@@ -10,8 +10,8 @@ N = 20_000
 
 def test_soak_every_job_ends_once(db, r, tmp_path):
     db.execute("INSERT INTO queue.queues (queue_name, backoff_base, backoff_max) VALUES ('soak', '5 ms', '50 ms')")
-    db.execute(f"""SELECT count(*) FROM queue.enqueue_many('soak',
-        (SELECT jsonb_agg(jsonb_build_object('n', g)) FROM generate_series(1, {N}) g), 'normal', 2)""")
+    assert db.execute(f"""SELECT count(*) FROM queue.enqueue_many('soak',
+        (SELECT jsonb_agg(jsonb_build_object('n', g)) FROM generate_series(1, {N}) g), 'normal', 2)""").fetchone()[0] == N
     outs = [tmp_path / f"worker{i}.txt" for i in range(4)]
     workers = [spawn_worker("work", "soak", out, FAIL_RATE="0.1") for out in outs]
     try:
