@@ -79,5 +79,17 @@ step "queue.health(): Redis, the queues on both sides, recent outcomes, dead let
 sql -Atc "SELECT jsonb_pretty(queue.health());"
 
 if [ -n "${QPG_KEEP:-}" ]; then
-    echo; echo "Still running. psql: scripts/stack.sh psql   stop: QPG_HOME=$QPG_HOME scripts/stack.sh down"
+    cat <<EOF
+
+Still running. The example workers (examples/) read these; paste them into your shell:
+
+    export DATABASE_URL='postgresql://postgres@127.0.0.1:$QPG_PGPORT/postgres'
+    export REDIS_URL='$(scripts/stack.sh redis-url)'
+    export QUEUES='emails,thumbnails,reports'
+
+then run a worker, e.g. (after pip install -r examples/python/requirements.txt):
+    python3 examples/python/worker.py
+psql:  QPG_HOME=$QPG_HOME QPG_PGPORT=$QPG_PGPORT scripts/stack.sh psql
+stop:  QPG_HOME=$QPG_HOME QPG_PGPORT=$QPG_PGPORT QPG_REDIS_PORT=$QPG_REDIS_PORT scripts/stack.sh down
+EOF
 fi

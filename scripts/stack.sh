@@ -10,6 +10,7 @@
 #   scripts/stack.sh pg-start      # start PostgreSQL again
 #   scripts/stack.sh psql [args]   # psql into the cluster
 #   scripts/stack.sh env           # the settings below, for `eval`
+#   scripts/stack.sh redis-url     # the Redis URL the extension uses
 #
 # Settings (environment): QPG_HOME (default /tmp/queue_pg), QPG_PGPORT (55432),
 # QPG_REDIS_PORT (56379), QPG_REDIS_PASSWORD (none), QPG_EXTRA_PRELOAD (none; more libraries for
@@ -118,5 +119,6 @@ case "${1:-}" in
     redis-cli) shift; redis_cli "$@" ;;
     psql) shift; psql_ "$@" ;;
     env) echo "QPG_HOME=$QPG_HOME QPG_PGPORT=$QPG_PGPORT QPG_REDIS_PORT=$QPG_REDIS_PORT" ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    redis-url) redis_url ;;
+    *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

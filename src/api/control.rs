@@ -5,6 +5,7 @@ use super::errors::{null_argument, spi_failed, unknown_job};
 use super::jobs::id_was_issued;
 use super::validate;
 use crate::bridge::wake::{wake_on_commit, wake_on_commit_queued};
+use crate::lifecycle::Sql;
 use crate::spi_plans::{self, types::INT8};
 use pgrx::prelude::*;
 
@@ -34,14 +35,16 @@ fn resume(queue_name: Option<&str>) {
     wake_on_commit_queued(0);
 }
 
-const CANCEL: &str = "
+static CANCEL: Sql = Sql::new(
+    "
     WITH c AS (
-        UPDATE queue.jobs SET status = 'cancelled', updated_at = now(), lease_expires_at = NULL
-        WHERE id = $1 AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled')
+        UPDATE queue.jobs SET status = {cancelled}, updated_at = now(), lease_expires_at = NULL
+        WHERE id = $1 AND status IN {unfinished}
         RETURNING id, queue_name)
     INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
-    SELECT id, 'state', 'cancelled', queue_name FROM c
-    RETURNING job_id";
+    SELECT id, 'state', {cancelled}, queue_name FROM c
+    RETURNING job_id",
+);
 
 const EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM queue.jobs WHERE id = $1)";
 
@@ -51,7 +54,7 @@ const EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM queue.jobs WHERE id = $1)";
 fn cancel(job_id: Option<i64>) -> bool {
     let id = job_id.unwrap_or_else(|| null_argument("job_id"));
     let cancelled = Spi::connect_mut(|client| {
-        let n = spi_plans::update(client, CANCEL, &[INT8], Some(1), &[id.into()])
+        let n = spi_plans::update(client, &CANCEL, &[INT8], Some(1), &[id.into()])
             .map(|t| t.len())
             .unwrap_or_else(|e| spi_failed("cancel", e));
         if n == 0 {

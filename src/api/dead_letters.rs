@@ -6,34 +6,37 @@ use super::errors::{invalid_argument, null_argument, spi_failed, wrong_state};
 use super::jobs::status_of;
 use super::validate;
 use crate::bridge::wake::wake_on_commit_queued;
+use crate::lifecycle::Sql;
 use crate::spi_plans::required;
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 
-const REPLAY: &str = "
+static REPLAY: Sql = Sql::new(
+    "
     WITH picked AS (
         SELECT id FROM queue.jobs
-        WHERE status = 'failed' AND ($1::bigint IS NULL OR id = $1)
+        WHERE status = {failed} AND ($1::bigint IS NULL OR id = $1)
           AND ($2::text IS NULL OR queue_name = $2)
         ORDER BY failed_at, id
         LIMIT $3
         FOR UPDATE SKIP LOCKED),
     replayed AS (
         UPDATE queue.jobs j
-        SET status = 'queued', attempt_count = 0, last_error_message = NULL, failed_at = NULL,
+        SET status = {queued}, attempt_count = 0, last_error_message = NULL, failed_at = NULL,
             run_at = now(), started_at = NULL, lease_expires_at = NULL, dispatch_seq = NULL,
             updated_at = now()
         FROM picked WHERE j.id = picked.id
         RETURNING j.id, j.queue_name)
     INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
-    SELECT id, 'replayed', 'queued', queue_name FROM replayed
-    RETURNING job_id";
+    SELECT id, 'replayed', {queued}, queue_name FROM replayed
+    RETURNING job_id",
+);
 
 fn replay(id: Option<i64>, queue_name: Option<&str>, max_jobs: i64) -> usize {
     let ids: Vec<i64> = Spi::connect_mut(|client| {
         client
             .update(
-                REPLAY,
+                &*REPLAY,
                 None,
                 &[id.into(), queue_name.into(), max_jobs.into()],
             )

@@ -5,45 +5,54 @@ use super::errors::{invalid_argument, spi_failed};
 use super::raw_jsonb::RawJsonb;
 use super::validate;
 use crate::bridge::wake::wake_on_commit_queued;
+use crate::lifecycle::Sql;
 use crate::settings;
 use crate::spi_plans::types::{INT4, JSONB, TEXT, TIMESTAMPTZ};
 use crate::spi_plans::{first_value, required, with_plan};
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
-const INSERT_JOB: &str = "
+static INSERT_JOB: Sql = Sql::new(
+    "
     INSERT INTO queue.jobs (queue_name, payload, priority, status, max_attempts, run_at)
     VALUES ($1, $2, $3,
-            CASE WHEN $5 > now() THEN 'scheduled' ELSE 'queued' END,
+            CASE WHEN $5 > now() THEN {scheduled} ELSE {queued} END,
             COALESCE($4, (SELECT q.max_attempts FROM queue.queues q WHERE q.queue_name = $1), $6),
             COALESCE($5, now()))
-    RETURNING id";
+    RETURNING id",
+);
 
-const INSERT_DEDUPED_JOB: &str = "
+static INSERT_DEDUPED_JOB: Sql = Sql::new(
+    "
     INSERT INTO queue.jobs (queue_name, payload, priority, status, max_attempts, run_at, dedupe_key)
     VALUES ($1, $2, $3,
-            CASE WHEN $5 > now() THEN 'scheduled' ELSE 'queued' END,
+            CASE WHEN $5 > now() THEN {scheduled} ELSE {queued} END,
             COALESCE($4, (SELECT q.max_attempts FROM queue.queues q WHERE q.queue_name = $1), $6),
             COALESCE($5, now()), $7)
     ON CONFLICT (queue_name, dedupe_key)
         WHERE dedupe_key IS NOT NULL
-          AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled')
+          AND status IN {unfinished}
         DO NOTHING
-    RETURNING id";
+    RETURNING id",
+);
 
-const FIND_DEDUPED_JOB: &str = "
+static FIND_DEDUPED_JOB: Sql = Sql::new(
+    "
     SELECT id FROM queue.jobs
     WHERE queue_name = $1 AND dedupe_key = $2
-      AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled')
-    LIMIT 1";
+      AND status IN {unfinished}
+    LIMIT 1",
+);
 
-const INSERT_MANY: &str = "
+static INSERT_MANY: Sql = Sql::new(
+    "
     INSERT INTO queue.jobs (queue_name, payload, priority, status, max_attempts)
-    SELECT $1, e.value, $3, 'queued',
+    SELECT $1, e.value, $3, {queued},
            COALESCE($4, (SELECT q.max_attempts FROM queue.queues q WHERE q.queue_name = $1), $5)
     FROM jsonb_array_elements($2) WITH ORDINALITY AS e(value, n)
     ORDER BY e.n
-    RETURNING id";
+    RETURNING id",
+);
 
 const LARGEST_ELEMENT: &str = "
     SELECT e.n, octet_length(e.value::text)
@@ -71,7 +80,7 @@ fn enqueue(
     let args = [
         DatumWithOid::from(queue_name),
         DatumWithOid::from(payload),
-        DatumWithOid::from(priority),
+        DatumWithOid::from(priority.as_str()),
         DatumWithOid::from(max_attempts),
         DatumWithOid::from(run_at),
         DatumWithOid::from(settings::default_max_attempts()),
@@ -80,7 +89,7 @@ fn enqueue(
 
     let Some(key) = dedupe_key else {
         let id = Spi::connect_mut(|client| {
-            with_plan(client, INSERT_JOB, &types, |client, plan| {
+            with_plan(client, &INSERT_JOB, &types, |client, plan| {
                 client
                     .update(plan, Some(1), &args)?
                     .first()
@@ -100,7 +109,7 @@ fn enqueue(
     // back. If the job it conflicted with finished just before our lookup, insert again.
     for _ in 0..10 {
         let inserted = Spi::connect_mut(|client| {
-            with_plan(client, INSERT_DEDUPED_JOB, &types, |client, plan| {
+            with_plan(client, &INSERT_DEDUPED_JOB, &types, |client, plan| {
                 first_value::<i64>(client.update(plan, Some(1), &args)?, 1)
             })
         });
@@ -109,7 +118,7 @@ fn enqueue(
             return id;
         }
         let existing = Spi::connect_mut(|client| {
-            with_plan(client, FIND_DEDUPED_JOB, &[TEXT, TEXT], |client, plan| {
+            with_plan(client, &FIND_DEDUPED_JOB, &[TEXT, TEXT], |client, plan| {
                 let args = [queue_name.into(), key.into()];
                 first_value::<i64>(client.select(plan, Some(1), &args)?, 1)
             })
@@ -149,14 +158,14 @@ fn enqueue_many(
     let args = [
         DatumWithOid::from(queue_name),
         DatumWithOid::from(payloads),
-        DatumWithOid::from(priority),
+        DatumWithOid::from(priority.as_str()),
         DatumWithOid::from(max_attempts),
         DatumWithOid::from(settings::default_max_attempts()),
     ];
     let ids: Vec<i64> = Spi::connect_mut(|client| {
         with_plan(
             client,
-            INSERT_MANY,
+            &INSERT_MANY,
             &[TEXT, JSONB, TEXT, INT4, INT4],
             |client, plan| {
                 client

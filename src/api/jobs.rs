@@ -1,6 +1,7 @@
 //! Helpers shared by the lifecycle functions: explaining why a call did not fit a job.
 
 use super::errors::{spi_failed, unknown_job, wrong_state};
+use crate::lifecycle::JobState;
 use crate::spi_plans::required;
 use pgrx::spi::SpiClient;
 
@@ -18,12 +19,12 @@ pub fn explain_not_running(
     let Some((status, attempt_count)) = job_state(client, id) else {
         unknown_job(id)
     };
-    if status == "cancelled" {
+    if status == JobState::Cancelled {
         wrong_state(format!(
             "queue_pg: cannot {action} job {id}: it was cancelled"
         ));
     }
-    if status != "running" {
+    if status != JobState::Running {
         wrong_state(format!(
             "queue_pg: cannot {action} job {id}: it is {status}, not running"
         ));
@@ -38,7 +39,7 @@ pub fn explain_not_running(
 }
 
 /// The status and attempt count of a job; None if it does not exist.
-fn job_state(client: &SpiClient<'_>, id: i64) -> Option<(String, i32)> {
+fn job_state(client: &SpiClient<'_>, id: i64) -> Option<(JobState, i32)> {
     let table = client
         .select(JOB_STATE, Some(1), &[id.into()])
         .unwrap_or_else(|e| spi_failed("looking up the job", e));
@@ -46,7 +47,7 @@ fn job_state(client: &SpiClient<'_>, id: i64) -> Option<(String, i32)> {
         return None;
     }
     let row = table.first();
-    let status = required(row.get::<String>(1), "status");
+    let status = required(row.get::<String>(1), "status").and_then(|s| JobState::parse(&s));
     let attempts = required(row.get::<i32>(2), "attempt_count");
     Some(
         status
@@ -56,7 +57,7 @@ fn job_state(client: &SpiClient<'_>, id: i64) -> Option<(String, i32)> {
 }
 
 /// The status of a job, or an ERROR (P0002) if it does not exist.
-pub fn status_of(client: &SpiClient<'_>, id: i64) -> String {
+pub fn status_of(client: &SpiClient<'_>, id: i64) -> JobState {
     job_state(client, id)
         .map(|(status, _)| status)
         .unwrap_or_else(|| unknown_job(id))

@@ -1,7 +1,6 @@
 //! The SQL API, by lifecycle step. Everything here runs inside the caller's transaction and
 //! never talks to Redis on the enqueue path.
 
-pub mod backoff;
 pub mod control;
 pub mod dead_letters;
 pub mod enqueue;

@@ -4,6 +4,7 @@
 use super::errors::{invalid_argument, null_argument, spi_failed, unknown_job};
 use super::jobs::{explain_not_running, id_was_issued};
 use crate::bridge::wake::wake_on_commit;
+use crate::lifecycle::Sql;
 use crate::settings;
 use crate::spi_plans::{self, first_value, required, types::*};
 use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
@@ -11,28 +12,32 @@ use pgrx::prelude::*;
 
 // The lease: the call's, else the queue's, else queue.lease. A job Postgres still shows
 // `queued` (pushed, not yet marked) can be started too.
-const START: &str = "
+static START: Sql = Sql::new(
+    "
     WITH claimed AS (
         UPDATE queue.jobs j
-        SET status = 'running', started_at = now(), updated_at = now(),
+        SET status = {running}, started_at = now(), updated_at = now(),
             lease_expires_at = now() + COALESCE($2,
                 (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
                 $3 * interval '1 millisecond')
-        WHERE j.id = $1 AND j.status IN ('queued', 'migrated')
+        WHERE j.id = $1 AND j.status IN ({queued}, {migrated})
         RETURNING j.id, j.queue_name, j.payload, j.attempt_count + 1 AS attempt, j.max_attempts,
                   j.lease_expires_at),
     noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
-              SELECT id, 'state', 'running', queue_name FROM claimed)
-    SELECT * FROM claimed";
+              SELECT id, 'state', {running}, queue_name FROM claimed)
+    SELECT * FROM claimed",
+);
 
-const HEARTBEAT: &str = "
+static HEARTBEAT: Sql = Sql::new(
+    "
     UPDATE queue.jobs j
     SET lease_expires_at = now() + COALESCE($2,
             (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
             $3 * interval '1 millisecond'),
         updated_at = now()
-    WHERE j.id = $1 AND j.status = 'running' AND ($4::int IS NULL OR j.attempt_count + 1 = $4)
-    RETURNING j.lease_expires_at";
+    WHERE j.id = $1 AND j.status = {running} AND ($4::int IS NULL OR j.attempt_count + 1 = $4)
+    RETURNING j.lease_expires_at",
+);
 
 fn check_lease(lease: Option<Interval>) {
     if let Some(l) = lease {
@@ -63,7 +68,7 @@ fn start(
     check_lease(lease);
     let args = [id.into(), lease.into(), settings::lease_ms().into()];
     let row = Spi::connect_mut(|client| {
-        let rows = spi_plans::update(client, START, &[INT8, INTERVAL, INT8], Some(1), &args)
+        let rows = spi_plans::update(client, &START, &[INT8, INTERVAL, INT8], Some(1), &args)
             .map_err(|e| e.to_string())?;
         let row = match rows.first().get_heap_tuple().map_err(|e| e.to_string())? {
             Some(r) => Some((
@@ -104,7 +109,7 @@ fn heartbeat(
     Spi::connect_mut(|client| {
         let until = spi_plans::update(
             client,
-            HEARTBEAT,
+            &HEARTBEAT,
             &[INT8, INTERVAL, INT8, INT4],
             Some(1),
             &args,

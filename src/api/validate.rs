@@ -2,10 +2,9 @@
 
 use super::errors::{invalid_argument, null_argument, raise};
 use super::raw_jsonb::RawJsonb;
+use crate::lifecycle::Priority;
 use crate::settings;
 use pgrx::PgSqlErrorCode;
-
-pub const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
 
 /// `^[A-Za-z0-9_.-]{1,64}$`
 pub fn queue_name(name: Option<&str>) -> &str {
@@ -23,16 +22,18 @@ pub fn queue_name(name: Option<&str>) -> &str {
     name
 }
 
-/// Only the lowercase `high`, `normal`, `low`.
-pub fn priority(priority: Option<&str>) -> &str {
+/// Only the lowercase names of [`Priority`].
+pub fn priority(priority: Option<&str>) -> Priority {
     let p = priority.unwrap_or_else(|| null_argument("priority"));
-    if !PRIORITIES.contains(&p) {
+    Priority::parse(p).unwrap_or_else(|_| {
+        let names: Vec<String> = Priority::ALL.iter().map(|p| format!("'{p}'")).collect();
         invalid_argument(format!(
-            "queue_pg: invalid priority \"{}\": use 'high', 'normal' or 'low'",
-            p.escape_default()
-        ));
-    }
-    p
+            "queue_pg: invalid priority \"{}\": use {} or {}",
+            p.escape_default(),
+            names[..names.len() - 1].join(", "),
+            names[names.len() - 1]
+        ))
+    })
 }
 
 /// NULL means "the queue's default"; otherwise 1..1000.

@@ -1,282 +1,216 @@
-//! Dispatch: read a batch of queued jobs, push it to Redis in one pipelined MULTI/EXEC, and mark
-//! the jobs `migrated` only after Redis acknowledged. The mark of one batch and the read of the
-//! next share a transaction; the bridge never waits for Redis inside a transaction.
+//! Duty: dispatch. Drains committed `queued` jobs into Redis, batch by batch, pipelined: while
+//! Postgres marks batch k-1 `migrated` and reads batch k+1 (one transaction), Redis applies
+//! batch k, whose reply is read between the two transactions. No transaction is open while the
+//! bridge waits for Redis.
 //!
-//! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
-//! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
+//! The drain's first transaction also promotes scheduled and retrying jobs that fell due and
+//! takes a step of the sweep: both can lower where the drain reads from, and sharing the
+//! transaction keeps an idle cycle at one transaction.
+//!
+//! Where a drain reads from: see `context::ReadFrom`. Jobs made `queued` by other means (a
+//! prepared transaction committed later, a hand-written UPDATE) are found by a sweep that starts
+//! every `SWEEP_INTERVAL` and looks at `push::SWEEP_IDS` ids per drain, so that no drain walks a
+//! whole paused backlog.
 
-use crate::redis::{iso_utc, iso_utc_from_pg, Conn, Keys};
-use crate::spi_plans::types::{INT8, INT8_ARRAY};
-use crate::spi_plans::{self, required, with_plan};
-use pgrx::datum::TimestampWithTimeZone;
+use super::context::{extension_present, in_transaction, Context};
+use super::promote;
+use super::push::{self, InFlight, Job, Pushed};
+use super::report::{Count, Level};
+use super::shared::{self, shutdown_requested};
+use super::timer::Every;
+use crate::settings;
 use pgrx::spi::SpiClient;
-use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
-/// A queued job as the bridge reads it.
-pub struct Job {
-    pub id: i64,
-    pub queue: String,
-    pub priority: String,
-    pub payload: String,
-    pub attempt_count: i32,
-    pub max_attempts: i32,
-    pub enqueued_at: String,
+/// How often a sweep for unannounced queued jobs starts.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+pub struct Dispatch {
+    /// Where the sweep goes on from (None: not sweeping).
+    sweep: Option<i64>,
+    sweep_timer: Every,
+    /// When the next scheduled or retrying job falls due.
+    next_due: Option<Instant>,
 }
 
-/// Jobs Redis acknowledged, with their position in their list.
-#[derive(Default)]
-pub struct Pushed {
-    pub ids: Vec<i64>,
-    pub seqs: Vec<i64>,
-}
-
-const READ_BATCH: &str = r#"
-    SELECT j.id, j.queue_name, j.priority, j.payload::text, j.attempt_count, j.max_attempts,
-           j.created_at
-    FROM queue.jobs j
-    WHERE j.status = 'queued' AND j.id > $2
-      AND NOT EXISTS (SELECT 1 FROM queue.queues q WHERE q.queue_name = j.queue_name AND q.paused)
-    ORDER BY j.id
-    LIMIT $1"#;
-
-/// Ids per step of the sweep for queued jobs that nothing announced (see `worker`).
-pub const SWEEP_IDS: i64 = 5000;
-
-// From the first queued id above $1 (gaps in the ids are skipped), $2 ids: the lowest queued id
-// of an unpaused queue among them, and the last id of the range (NULL when no id above $1 is
-// queued: the sweep is done). Reads only the queued jobs' index, over a bounded range.
-const SWEEP: &str = "
-    WITH first AS (SELECT min(id) AS id FROM queue.jobs WHERE status = 'queued' AND id > $1)
-    SELECT (SELECT min(j.id) FROM queue.jobs j, first
-            WHERE j.status = 'queued' AND j.id >= first.id AND j.id < first.id + $2
-              AND NOT EXISTS (SELECT 1 FROM queue.queues q
-                              WHERE q.queue_name = j.queue_name AND q.paused)),
-           (SELECT id + $2 - 1 FROM first)";
-
-// Only jobs still `queued`: one that a worker already started (it may pop a job before this
-// mark) or that was cancelled meanwhile keeps the state its own transaction gave it. SKIP LOCKED:
-// the bridge never waits for a worker's transaction, so it can never be part of a deadlock with
-// one (a skipped job that stays `queued`, because no worker started it after all, is pushed again
-// by the bridge's next sweep; `start` drops a duplicate).
-const MARK_MIGRATED: &str = "
-    UPDATE queue.jobs j
-    SET status = 'migrated', dispatched_at = now(), dispatch_seq = b.seq, updated_at = now()
-    FROM (SELECT x.id, b.seq
-          FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
-          JOIN queue.jobs x ON x.id = b.id
-          WHERE x.status = 'queued'
-          FOR UPDATE OF x SKIP LOCKED) b
-    WHERE j.id = b.id";
-
-/// Marks what Redis acknowledged as `migrated`. Runs inside the caller's transaction.
-pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {
-    if pushed.ids.is_empty() {
-        return;
-    }
-    let args = [pushed.ids.into(), pushed.seqs.into()];
-    spi_plans::update(
-        client,
-        MARK_MIGRATED,
-        &[INT8_ARRAY, INT8_ARRAY],
-        None,
-        &args,
-    )
-    .map(|_| ())
-    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: marking jobs migrated failed: {e}"));
-}
-
-/// One step of the sweep after id `after`: the lowest id there that dispatch should read from,
-/// if any, and where the next step goes on from (None: the sweep is done).
-pub fn sweep_step(client: &mut SpiClient<'_>, after: i64) -> (Option<i64>, Option<i64>) {
-    let args = [after.into(), SWEEP_IDS.into()];
-    with_plan(client, SWEEP, &[INT8, INT8], |client, plan| {
-        client
-            .select(plan, Some(1), &args)?
-            .first()
-            .get_two::<i64, i64>()
-    })
-    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: sweeping queued jobs failed: {e}"))
-}
-
-/// Reads up to `limit` queued jobs of unpaused queues with ids above `after_id`, oldest first.
-/// (`after_id` skips the batch still in flight to Redis, which is not marked yet.) A row that
-/// does not decode is an ERROR, never a message made of defaults.
-pub fn read_batch(client: &mut SpiClient<'_>, after_id: i64, limit: usize) -> Vec<Job> {
-    let args = [(limit as i64).into(), after_id.into()];
-    with_plan(client, READ_BATCH, &[INT8, INT8], |client, plan| {
-        let rows = client
-            .select(plan, None, &args)
-            .map_err(|e| e.to_string())?;
-        rows.map(|row| {
-            Ok(Job {
-                id: required(row.get(1), "id")?,
-                queue: required(row.get(2), "queue_name")?,
-                priority: required(row.get(3), "priority")?,
-                payload: required(row.get(4), "payload")?,
-                attempt_count: required(row.get(5), "attempt_count")?,
-                max_attempts: required(row.get(6), "max_attempts")?,
-                enqueued_at: iso_utc_from_pg(
-                    required::<TimestampWithTimeZone>(row.get(7), "created_at")?.into_inner(),
-                ),
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()
-    })
-    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: reading queued jobs failed: {e}"))
-}
-
-/// The list entry workers pop (SPEC.md, "Redis layout"). `attempt` is the attempt this delivery is for.
-pub fn message(job: &Job) -> String {
-    format!(
-        r#"{{"id":{},"queue":{},"priority":{},"payload":{},"attempt":{},"max_attempts":{},"enqueued_at":{}}}"#,
-        job.id,
-        json_string(&job.queue),
-        json_string(&job.priority),
-        job.payload,
-        job.attempt_count + 1,
-        job.max_attempts,
-        json_string(&job.enqueued_at),
-    )
-}
-
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).expect("a string always serializes")
-}
-
-/// A batch whose MULTI/EXEC was sent to Redis and whose reply has not been read yet.
-pub struct InFlight {
-    /// Job ids per list, in push order.
-    lists: Vec<Vec<i64>>,
-    /// Commands between MULTI and EXEC.
-    commands: usize,
-}
-
-/// Sends `jobs` as one MULTI/EXEC without waiting for the reply: per list, one LPUSH of its
-/// messages in id order (so BRPOP takes the oldest first) and one INCRBY of its push counter;
-/// per job, its hash. The bridge reads the reply with [`receive`] after its next Postgres
-/// transaction, so Redis and Postgres work at the same time, and no transaction is open while
-/// the bridge waits for Redis.
-pub fn send(con: &mut Conn, keys: &Keys, jobs: &[Job]) -> Result<InFlight, String> {
-    let now = iso_utc(SystemTime::now());
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-
-    // Group by list, keeping id order within each list.
-    let mut lists: Vec<((&str, &str), Vec<&Job>)> = Vec::new();
-    for job in jobs {
-        let list = (job.queue.as_str(), job.priority.as_str());
-        match lists.iter_mut().find(|(l, _)| *l == list) {
-            Some((_, members)) => members.push(job),
-            None => lists.push((list, vec![job])),
+impl Default for Dispatch {
+    /// The first sweep starts one interval after the bridge.
+    fn default() -> Dispatch {
+        Dispatch {
+            sweep: None,
+            sweep_timer: Every::starting_now(),
+            next_due: None,
         }
     }
-    for ((queue, priority), members) in &lists {
-        let lpush = pipe.cmd("LPUSH").arg(keys.list(queue, priority));
-        for job in members {
-            lpush.arg(message(job));
-        }
-        pipe.cmd("INCRBY")
-            .arg(keys.pushed_counter(queue, priority))
-            .arg(members.len());
-    }
-    for job in jobs {
-        pipe.cmd("HSET")
-            .arg(keys.job(job.id))
-            .arg("status")
-            .arg("migrated")
-            .arg("queue")
-            .arg(&job.queue)
-            .arg("attempt_count")
-            .arg(job.attempt_count)
-            .arg("queued_at")
-            .arg(&now)
-            .arg("updated_at")
-            .arg(&now);
-    }
-    con.send_packed_command(&pipe.get_packed_pipeline())
-        .map_err(|e| e.to_string())?;
-    Ok(InFlight {
-        lists: lists
-            .iter()
-            .map(|(_, members)| members.iter().map(|j| j.id).collect())
-            .collect(),
-        commands: pipe.len(),
-    })
 }
 
-/// The list positions of `n` messages pushed in one LPUSH, given the push counter after it:
-/// the oldest of them is at `counter - n + 1`, the newest at `counter`.
-fn positions(counter: i64, n: usize) -> impl Iterator<Item = i64> {
-    let first = counter - n as i64 + 1;
-    (0..n as i64).map(move |k| first + k)
+impl Dispatch {
+    /// Dispatch runs every cycle; between cycles it wants one when a waiting job falls due.
+    pub fn next_run(&self) -> Option<Instant> {
+        self.next_due
+    }
+
+    /// One drain. Returns how many jobs Redis acknowledged.
+    pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
+        if self.sweep.is_none() && self.sweep_timer.due(SWEEP_INTERVAL, now) {
+            self.sweep_timer.ran(now);
+            self.sweep = Some(0);
+        }
+        let limit = settings::batch_size();
+        let mut redis_ok = cx.redis.connected();
+        let mut from = cx.read_from.take();
+        let mut opening = Some(self.sweep);
+        let mut to_mark = Pushed::default();
+        let mut in_flight: Option<InFlight> = None;
+        let mut after_id = from.saturating_sub(1);
+        let mut dispatched = 0;
+        // Read another batch only after a full one: a partial batch means the backlog is empty.
+        let mut read_more = true;
+        loop {
+            let read = (redis_ok && read_more && !shutdown_requested()).then_some(after_id);
+            let marking = std::mem::take(&mut to_mark);
+            let opened = opening.take();
+            let step = in_transaction(|client| Step::run(client, opened, marking, read, limit));
+            if let Some(o) = &step.opening {
+                cx.note_extension(o.extension_present);
+                if !o.extension_present {
+                    redis_ok = false; // nothing read: the next drain starts here again
+                    break;
+                }
+                if let Some(also) = o.also_from {
+                    from = from.min(also);
+                }
+                if opened.is_some_and(|sweep| sweep.is_some()) {
+                    self.sweep = o.sweep_next;
+                }
+            }
+            if let Some(due_in) = step.next_due_in {
+                self.next_due = due_in.map(|d| Instant::now() + d);
+            }
+            if let Some(batch) = in_flight.take() {
+                redis_ok &= collect(cx, batch, &mut to_mark, &mut dispatched);
+            }
+            read_more = step.batch.len() == limit;
+            if let Some(last) = step.batch.last() {
+                after_id = last.id;
+                let keys = &cx.keys;
+                match cx.redis.run(|con| push::send(con, keys, &step.batch)) {
+                    Some(batch) if read_more => in_flight = Some(batch),
+                    // Nothing to overlap with: take the reply now, mark it in the next step.
+                    Some(batch) => {
+                        redis_ok &= collect(cx, batch, &mut to_mark, &mut dispatched);
+                    }
+                    None => redis_ok = false,
+                }
+            }
+            // Done when nothing is in flight and nothing is left to mark. After a Redis failure
+            // one more step marks what was acknowledged and reads nothing.
+            if in_flight.is_none() && to_mark.ids.is_empty() {
+                break;
+            }
+        }
+        // Drained: every queued job of an unpaused queue is in Redis now, except those that
+        // commits publish from here on. Otherwise the next drain starts where this one did.
+        cx.read_from
+            .drained(redis_ok && !shutdown_requested(), from);
+        vec![Count::new(
+            dispatched,
+            Level::Debug,
+            "{n} jobs pushed to Redis",
+        )]
+    }
 }
 
-/// Reads the reply of a sent batch: what Redis acknowledged, with each job's list position.
-pub fn receive(con: &mut Conn, batch: InFlight) -> Result<Pushed, String> {
-    use redis::Value;
-    // MULTI → OK, each command → QUEUED, EXEC → the array of the commands' replies.
-    for _ in 0..=batch.commands {
-        match con.recv_response().map_err(|e| e.to_string())? {
-            Value::Okay => {}
-            Value::SimpleString(s) if s == "QUEUED" => {}
-            other => return Err(format!("unexpected reply in MULTI: {other:?}")),
+/// What the drain's first transaction found besides a batch.
+struct Opening {
+    extension_present: bool,
+    /// The lowest id below the read position that became `queued`: promoted, or found by the
+    /// sweep.
+    also_from: Option<i64>,
+    /// Where the sweep goes on from (None: done).
+    sweep_next: Option<i64>,
+}
+
+/// One transaction of the drain.
+struct Step {
+    opening: Option<Opening>,
+    batch: Vec<Job>,
+    /// Read once the backlog is empty: when the next waiting job falls due (None: none waits).
+    next_due_in: Option<Option<Duration>>,
+}
+
+impl Step {
+    /// Opens the drain if `opening` is given (with the sweep position, if sweeping), marks what
+    /// Redis acknowledged, then reads the batch after `read` (if given).
+    fn run(
+        client: &mut SpiClient<'_>,
+        opening: Option<Option<i64>>,
+        acknowledged: Pushed,
+        read: Option<i64>,
+        limit: usize,
+    ) -> Step {
+        let opening = opening.map(|sweep| open(client, sweep));
+        if opening.as_ref().is_some_and(|o| !o.extension_present) {
+            return Step {
+                opening,
+                batch: Vec::new(),
+                next_due_in: None,
+            };
+        }
+        push::mark_migrated(client, acknowledged);
+        let also_from = opening.as_ref().and_then(|o| o.also_from);
+        let batch = match read {
+            Some(after_id) => {
+                let after_id = also_from.map_or(after_id, |also| after_id.min(also - 1));
+                push::read_batch(client, after_id, limit)
+            }
+            None => Vec::new(),
+        };
+        let next_due_in = batch.is_empty().then(|| promote::next_due_in(client));
+        Step {
+            opening,
+            batch,
+            next_due_in,
         }
     }
-    let replies = match con.recv_response().map_err(|e| e.to_string())? {
-        Value::Array(replies) => replies,
-        other => return Err(format!("EXEC failed: {other:?}")),
+}
+
+/// The drain's opening: is the extension there; promote due jobs; a step of the sweep.
+fn open(client: &mut SpiClient<'_>, sweep: Option<i64>) -> Opening {
+    if !extension_present(client) {
+        return Opening {
+            extension_present: false,
+            also_from: None,
+            sweep_next: None,
+        };
+    }
+    let mut also_from = promote::promote_due(client);
+    let mut sweep_next = None;
+    if let Some(pos) = sweep {
+        let (found, next) = push::sweep_step(client, pos);
+        also_from = also_from.into_iter().chain(found).min();
+        sweep_next = next;
+    }
+    Opening {
+        extension_present: true,
+        also_from,
+        sweep_next,
+    }
+}
+
+/// Reads the reply of a sent batch and adds it to `to_mark`; false if Redis failed.
+fn collect(
+    cx: &mut Context,
+    batch: InFlight,
+    to_mark: &mut Pushed,
+    dispatched: &mut usize,
+) -> bool {
+    let Some(pushed) = cx.redis.run(|con| push::receive(con, batch)) else {
+        return false;
     };
-    let mut pushed = Pushed::default();
-    for (g, ids) in batch.lists.into_iter().enumerate() {
-        // Replies per list: LPUSH, then INCRBY (the counter after this push).
-        let Some(Value::Int(counter)) = replies.get(2 * g + 1) else {
-            return Err(format!(
-                "unexpected INCRBY reply: {:?}",
-                replies.get(2 * g + 1)
-            ));
-        };
-        pushed.seqs.extend(positions(*counter, ids.len()));
-        pushed.ids.extend(ids);
-    }
-    Ok(pushed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn job(id: i64) -> Job {
-        Job {
-            id,
-            queue: "emails".into(),
-            priority: "normal".into(),
-            payload: r#"{"to":"a@b.c"}"#.into(),
-            attempt_count: 0,
-            max_attempts: 5,
-            enqueued_at: "2026-11-30T12:00:00.000Z".into(),
-        }
-    }
-
-    #[test]
-    fn the_list_entry_is_the_documented_json() {
-        assert_eq!(
-            message(&job(42)),
-            r#"{"id":42,"queue":"emails","priority":"normal","payload":{"to":"a@b.c"},"attempt":1,"max_attempts":5,"enqueued_at":"2026-11-30T12:00:00.000Z"}"#
-        );
-        let retry = Job {
-            attempt_count: 2,
-            queue: "a\"b".into(),
-            ..job(7)
-        };
-        let v: serde_json::Value = serde_json::from_str(&message(&retry)).unwrap();
-        assert_eq!(v["attempt"], 3, "the delivery is for attempt_count + 1");
-        assert_eq!(v["queue"], "a\"b");
-    }
-
-    #[test]
-    fn positions_count_back_from_the_counter() {
-        assert_eq!(positions(10, 3).collect::<Vec<_>>(), vec![8, 9, 10]);
-        assert_eq!(positions(1, 1).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(positions(5, 0).count(), 0);
-    }
+    shared::add_dispatched(pushed.ids.len() as u64);
+    *dispatched += pushed.ids.len();
+    to_mark.ids.extend(pushed.ids);
+    to_mark.seqs.extend(pushed.seqs);
+    true
 }

@@ -1,23 +1,35 @@
-//! The bridge: a background worker that moves committed jobs from `queue.jobs` into Redis.
+//! The bridge: a background worker that moves committed jobs from `queue.jobs` into Redis and
+//! keeps Redis following Postgres. One loop (`main_loop`) calls one duty per file:
 //!
-//! - `worker`: the main loop (signals, waits, one cycle after another).
-//! - `redis_link`: the Redis connection, its reconnect backoff, and its state log lines.
-//! - `promote`: scheduled and retrying jobs become `queued` when due.
-//! - `dispatch`: queued jobs are read, pushed in one pipelined round trip, then marked `migrated`.
-//! - `sync`: Redis follows committed state changes (job hashes, the dead-letter list).
-//! - `rescue`: expired leases, popped-but-never-started jobs, a Redis that lost its data, pruning.
-//! - `memory`: the periodic `queue.optimize_memory()` (job hash TTLs, dead-letter trimming).
-//! - `shared`, `wake`: the shared-memory block and the commit-time wake-up used by backends.
+//! - `maintenance`: Postgres upkeep (outcome counts, expired leases, pruning).
+//! - `redis_loss`: a Redis that lost its data gets its jobs again.
+//! - `memory_check`: the periodic `queue.optimize_memory()`, a slice at a time.
+//! - `rescue`: jobs popped but never started are dispatched again.
+//! - `state_sync`: committed state changes reach the job hashes and the dead-letter list.
+//! - `dispatch`: queued jobs are pushed in pipelined batches, then marked `migrated`.
+//!
+//! Their helpers: `context` (what duties share: the Redis link, key names, the read position,
+//! transactions), `redis_link` (the connection and its backoff), `push` (the batch statements
+//! and Redis commands of dispatch), `promote` (due jobs become `queued`), `outcomes` (counts in
+//! `queue.stats`), `timer`, `report`. `shared` and `wake` are the shared-memory block and the
+//! commit-time wake-up that backends use.
 
+pub mod context;
 pub mod dispatch;
-pub mod memory;
+pub mod main_loop;
+pub mod maintenance;
+pub mod memory_check;
+pub mod outcomes;
 pub mod promote;
+pub mod push;
 pub mod redis_link;
+pub mod redis_loss;
+pub mod report;
 pub mod rescue;
 pub mod shared;
-pub mod sync;
+pub mod state_sync;
+pub mod timer;
 pub mod wake;
-pub mod worker;
 
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
 use std::time::Duration;

@@ -48,17 +48,15 @@ impl RedisLink {
         }
     }
 
-    /// The connection, opening it if none is open and the backoff allows. None while Redis is
-    /// down and the next attempt is not due yet, or when this attempt failed.
-    pub fn get(&mut self) -> Option<&mut Conn> {
-        self.get_until(Instant::now() + settings::redis_timeout())
-    }
-
-    fn get_until(&mut self, deadline: Instant) -> Option<&mut Conn> {
+    /// Opens a connection if none is open and the backoff allows; true if one is open. Only
+    /// the start of a bridge cycle connects, so that every new connection is checked for lost
+    /// data (`redis_loss`) before any other duty uses it.
+    pub fn connect(&mut self) -> bool {
         if self.con.is_none() {
             if self.retry_at.is_some_and(|at| Instant::now() < at) {
-                return None;
+                return false;
             }
+            let deadline = Instant::now() + settings::redis_timeout();
             match Conn::open(&self.url, deadline, stopping) {
                 Ok(con) => {
                     if self.reachable != Some(true) {
@@ -81,19 +79,24 @@ impl RedisLink {
                 }
                 Err(e) => {
                     self.failed(e);
-                    return None;
+                    return false;
                 }
             }
         }
-        self.con.as_mut()
+        true
     }
 
-    /// Runs `f` on the connection (opening it if needed): one step, which waits on Redis at most
-    /// `queue.redis_timeout` in all, connecting included. On an error, drops the connection
-    /// (it may be mid-reply) and backs off. None if Redis is down or `f` failed.
+    /// Whether a connection is open.
+    pub fn connected(&self) -> bool {
+        self.con.is_some()
+    }
+
+    /// Runs `f` on the open connection: one step, which waits on Redis at most
+    /// `queue.redis_timeout` in all. On an error, drops the connection (it may be mid-reply)
+    /// and backs off. None if no connection is open or `f` failed.
     pub fn run<R>(&mut self, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> Option<R> {
         let deadline = Instant::now() + settings::redis_timeout();
-        let con = self.get_until(deadline)?;
+        let con = self.con.as_mut()?;
         con.set_deadline(deadline);
         match f(con) {
             Ok(r) => Some(r),
@@ -102,6 +105,12 @@ impl RedisLink {
                 None
             }
         }
+    }
+
+    /// Whether the open connection is new and nothing has checked yet whether Redis kept its
+    /// data.
+    pub fn fresh(&self) -> bool {
+        self.fresh && self.con.is_some()
     }
 
     /// True once after each new connection: the caller checks, before pushing anything on it,
@@ -138,5 +147,5 @@ impl RedisLink {
 /// A wait on Redis ends early when the bridge is asked to stop (SIGTERM), so that a fast
 /// shutdown stays fast with a frozen Redis.
 fn stopping() -> bool {
-    unsafe { std::ptr::read_volatile(&raw const pgrx::pg_sys::ShutdownRequestPending) != 0 }
+    super::shared::shutdown_requested()
 }

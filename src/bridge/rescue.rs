@@ -1,101 +1,103 @@
-//! Nothing is lost: once per poll interval the bridge
-//! - notices that Redis lost its data (its epoch key is gone) and dispatches again every job
-//!   that was in Redis and not started;
-//! - notices which jobs workers popped but never started (per list, `pushed - LLEN` messages
-//!   have left it, since lists are FIFO) and dispatches them again after `queue.start_timeout`.
-//!   The bridge remembers, per list, how far it had been popped at each tick ([`PopHistory`]):
-//!   a job at or below the position popped `start_timeout` ago and still `migrated` was popped
-//!   at least that long ago and never started. No per-job bookkeeping is written;
-//! - fails running jobs whose lease expired ("lease expired"), by the backoff rule;
-//! - prunes completed jobs older than `queue.completed_retention`, in bounded batches.
+//! Duty: jobs that workers popped but never started are dispatched again. Per list, `pushed -
+//! LLEN` messages have left it (lists are FIFO), and the bridge remembers, per list, how far it
+//! had been popped at each pass ([`PopHistory`]): a job at or below the position popped
+//! `queue.start_timeout` ago and still `migrated` was popped at least that long ago and never
+//! started (its worker died, or dropped it). No per-job bookkeeping is written. Once per poll
+//! interval, while Redis is reachable.
 
-use crate::api::finish::fail_running_job;
+use super::context::{extension_present, in_transaction, Context};
+use super::report::{Count, Level};
+use super::timer::Every;
+use crate::lifecycle::{Priority, Sql};
 use crate::redis::{Conn, Keys};
 use crate::settings;
 use crate::spi_plans::required;
-use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-// Every statement that changes jobs workers may be changing too skips locked rows: the bridge
-// never waits for a worker's transaction (and so is never part of a deadlock); a skipped job is
-// handled on a later tick.
-const REQUEUE_ALL_MIGRATED: &str = "
-    UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, updated_at = now()
-    WHERE id IN (SELECT id FROM queue.jobs WHERE status = 'migrated' FOR UPDATE SKIP LOCKED)";
-
 // The (queue, priority) lists that hold migrated jobs: a loose index scan, one probe per list,
 // however many jobs wait in them.
-const MIGRATED_LISTS: &str = "
+static MIGRATED_LISTS: Sql = Sql::new(
+    "
     WITH RECURSIVE lists AS (
-        (SELECT queue_name, priority FROM queue.jobs WHERE status = 'migrated'
+        (SELECT queue_name, priority FROM queue.jobs WHERE status = {migrated}
          ORDER BY queue_name, priority LIMIT 1)
         UNION ALL
         SELECT n.queue_name, n.priority
         FROM lists l, LATERAL (
             SELECT queue_name, priority FROM queue.jobs
-            WHERE status = 'migrated' AND (queue_name, priority) > (l.queue_name, l.priority)
+            WHERE status = {migrated} AND (queue_name, priority) > (l.queue_name, l.priority)
             ORDER BY queue_name, priority LIMIT 1) n)
-    SELECT queue_name, priority FROM lists";
+    SELECT queue_name, priority FROM lists",
+);
 
 // Left their list (positions up to $3) at least start_timeout ago and still not started:
-// dispatch again (not an attempt).
-const REDISPATCH_UNSTARTED: &str = "
-    UPDATE queue.jobs SET status = 'queued', dispatch_seq = NULL, updated_at = now()
+// dispatch again (not an attempt). Skips rows a worker holds: the bridge never waits for a
+// worker's transaction (and so is never part of a deadlock); a skipped job waits for a later pass.
+static REDISPATCH_UNSTARTED: Sql = Sql::new(
+    "
+    UPDATE queue.jobs SET status = {queued}, dispatch_seq = NULL, updated_at = now()
     WHERE id IN (SELECT id FROM queue.jobs
-                 WHERE status = 'migrated' AND queue_name = $1 AND priority = $2
+                 WHERE status = {migrated} AND queue_name = $1 AND priority = $2
                    AND dispatch_seq <= $3
-                 FOR UPDATE SKIP LOCKED)";
+                 FOR UPDATE SKIP LOCKED)",
+);
 
-const EXPIRED_LEASES: &str = "
-    SELECT id FROM queue.jobs
-    WHERE status = 'running' AND lease_expires_at < now()
-    ORDER BY lease_expires_at
-    LIMIT 500
-    FOR UPDATE SKIP LOCKED";
-
-const PRUNE_COMPLETED: &str = "
-    DELETE FROM queue.jobs WHERE id IN (
-        SELECT id FROM queue.jobs
-        WHERE status = 'completed' AND completed_at < now() - $1 * interval '1 second'
-        ORDER BY completed_at
-        LIMIT 5000)";
-
-/// Sets the epoch key if it is missing; true if it was missing (Redis is new or lost its data).
-pub fn epoch_was_missing(con: &mut Conn, keys: &Keys) -> Result<bool, String> {
-    let token = format!(
-        "{}-{}",
-        unsafe { pg_sys::MyProcPid },
-        crate::redis::iso_utc(std::time::SystemTime::now())
-    );
-    let set: Option<String> = redis::cmd("SET")
-        .arg(keys.epoch())
-        .arg(token)
-        .arg("NX")
-        .query(con)
-        .map_err(|e| e.to_string())?;
-    Ok(set.is_some())
+#[derive(Default)]
+pub struct Rescue {
+    every: Every,
+    pops: PopHistory,
 }
 
-/// Every job Redis had and no worker started goes back to `queued`. Returns how many.
-pub fn requeue_all_migrated(client: &mut SpiClient<'_>) -> usize {
-    client
-        .update(REQUEUE_ALL_MIGRATED, None, &[])
-        .map(|t| t.len())
-        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: re-queueing migrated jobs failed: {e}"))
+impl Rescue {
+    pub fn due(&self, cx: &Context, now: Instant) -> bool {
+        cx.redis.connected() && self.every.due(settings::poll_interval(), now)
+    }
+
+    pub fn next_run(&self) -> Instant {
+        self.every.next(settings::poll_interval())
+    }
+
+    pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
+        self.every.ran(now);
+        let again = self.pass(cx);
+        if again > 0 {
+            cx.read_from.rewind();
+        }
+        vec![Count::new(
+            again,
+            Level::Log,
+            "{n} jobs were popped but not started within queue.start_timeout; dispatching them again",
+        )]
+    }
+
+    fn pass(&mut self, cx: &mut Context) -> usize {
+        let lists =
+            in_transaction(|client| extension_present(client).then(|| migrated_lists(client)));
+        let Some(lists) = lists.filter(|l| !l.is_empty()) else {
+            return 0;
+        };
+        let keys = &cx.keys;
+        let Some(popped) = cx.redis.run(|con| popped_counts(con, keys, &lists)) else {
+            return 0;
+        };
+        let timeout = Duration::from_millis(settings::start_timeout_ms() as u64);
+        let due = self.pops.observe(&lists, &popped, timeout);
+        in_transaction(|client| redispatch_unstarted(client, &lists, &due))
+    }
 }
 
 /// The lists that hold migrated jobs.
-pub fn migrated_lists(client: &SpiClient<'_>) -> Vec<(String, String)> {
+fn migrated_lists(client: &SpiClient<'_>) -> Vec<(String, Priority)> {
     client
-        .select(MIGRATED_LISTS, None, &[])
+        .select(&*MIGRATED_LISTS, None, &[])
         .map_err(|e| e.to_string())
         .and_then(|rows| {
             rows.map(|r| {
                 Ok((
                     required(r.get::<String>(1), "queue_name")?,
-                    required(r.get::<String>(2), "priority")?,
+                    Priority::parse(&required::<String>(r.get(2), "priority")?)?,
                 ))
             })
             .collect()
@@ -104,15 +106,15 @@ pub fn migrated_lists(client: &SpiClient<'_>) -> Vec<(String, String)> {
 }
 
 /// For each list, how many of its messages have left it (`pushed - LLEN`), in one round trip.
-pub fn popped_counts(
+fn popped_counts(
     con: &mut Conn,
     keys: &Keys,
-    lists: &[(String, String)],
+    lists: &[(String, Priority)],
 ) -> Result<Vec<i64>, String> {
     let mut pipe = redis::pipe();
     for (queue, priority) in lists {
-        pipe.cmd("GET").arg(keys.pushed_counter(queue, priority));
-        pipe.cmd("LLEN").arg(keys.list(queue, priority));
+        pipe.cmd("GET").arg(keys.pushed_counter(queue, *priority));
+        pipe.cmd("LLEN").arg(keys.list(queue, *priority));
     }
     let replies: Vec<(Option<i64>, i64)> = pipe.query(con).map_err(|e| e.to_string())?;
     Ok(replies
@@ -124,7 +126,7 @@ pub fn popped_counts(
 /// Per list, how far it had been popped (`pushed - LLEN`) at each tick, for `start_timeout`.
 #[derive(Default)]
 pub struct PopHistory {
-    lists: HashMap<(String, String), VecDeque<(Instant, i64)>>,
+    lists: HashMap<(String, Priority), VecDeque<(Instant, i64)>>,
 }
 
 impl PopHistory {
@@ -132,7 +134,7 @@ impl PopHistory {
     /// `timeout` ago (0 when there is no observation that old yet).
     pub fn observe(
         &mut self,
-        lists: &[(String, String)],
+        lists: &[(String, Priority)],
         popped: &[i64],
         timeout: Duration,
     ) -> Vec<i64> {
@@ -160,9 +162,9 @@ impl PopHistory {
 
 /// Dispatches again the jobs at or below `due` of each list that are still `migrated`.
 /// Returns how many.
-pub fn redispatch_unstarted(
+fn redispatch_unstarted(
     client: &mut SpiClient<'_>,
-    lists: &[(String, String)],
+    lists: &[(String, Priority)],
     due: &[i64],
 ) -> usize {
     let mut again = 0;
@@ -172,7 +174,7 @@ pub fn redispatch_unstarted(
         }
         let args = [queue.as_str().into(), priority.as_str().into(), upto.into()];
         again += client
-            .update(REDISPATCH_UNSTARTED, None, &args)
+            .update(&*REDISPATCH_UNSTARTED, None, &args)
             .map(|t| t.len())
             .unwrap_or_else(|e| {
                 pgrx::error!("queue_pg bridge: re-dispatching unstarted jobs failed: {e}")
@@ -181,37 +183,12 @@ pub fn redispatch_unstarted(
     again
 }
 
-/// Fails running jobs whose lease expired, by the backoff rule. Returns how many.
-pub fn expire_leases(client: &mut SpiClient<'_>) -> usize {
-    let ids: Vec<i64> = client
-        .update(EXPIRED_LEASES, None, &[])
-        .map_err(|e| e.to_string())
-        .and_then(|rows| rows.map(|r| required(r.get::<i64>(1), "id")).collect())
-        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: finding expired leases failed: {e}"));
-    for &id in &ids {
-        fail_running_job(client, id, "lease expired", None);
-    }
-    ids.len()
-}
-
-/// Deletes one bounded batch of old completed jobs. Returns how many.
-pub fn prune_completed(client: &mut SpiClient<'_>) -> usize {
-    client
-        .update(
-            PRUNE_COMPLETED,
-            None,
-            &[settings::completed_retention_s().into()],
-        )
-        .map(|t| t.len())
-        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: pruning completed jobs failed: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn list() -> Vec<(String, String)> {
-        vec![("emails".into(), "normal".into())]
+    fn list() -> Vec<(String, Priority)> {
+        vec![("emails".into(), Priority::Normal)]
     }
 
     #[test]

@@ -90,7 +90,17 @@ pub fn wake_bridge_for_states() {
     }
 }
 
-/// Called by the bridge when a cycle begins, before it reads the state changes.
+/// Whether commits changed job states since the bridge last took them.
+pub fn states_pending() -> bool {
+    shared().is_some_and(|s| s.states_wake_sent.load(Ordering::Acquire))
+}
+
+/// SIGTERM reached the bridge (a fast shutdown, or pg_terminate_backend).
+pub fn shutdown_requested() -> bool {
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+/// Called by the bridge before it reads the state changes.
 pub fn states_wake_taken() {
     if let Some(s) = shared() {
         s.states_wake_sent.store(false, Ordering::Release);

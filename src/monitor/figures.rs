@@ -3,6 +3,7 @@
 //! lag. Cheap on big tables: each state is counted through its own partial index (live jobs
 //! only, never the finished ones), and outcomes come from `queue.stats`, which the bridge keeps.
 
+use crate::lifecycle::Sql;
 use crate::spi_plans::{first_value, optional, required, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -38,33 +39,34 @@ pub struct QueueFigures {
 
 // One aggregate per partial index, each reading only the live jobs that index holds. (Run
 // without parallel workers: for these small scans, starting workers costs more than it saves.)
-const PER_QUEUE: &str = "
+static PER_QUEUE: Sql = Sql::new(
+    "
     WITH live AS (
-        SELECT queue_name, 'queued' AS state, count(*) AS n,
+        SELECT queue_name, {queued} AS state, count(*) AS n,
                min(GREATEST(created_at, run_at)) AS oldest
-        FROM queue.jobs WHERE status = 'queued' GROUP BY queue_name
+        FROM queue.jobs WHERE status = {queued} GROUP BY queue_name
         UNION ALL
-        SELECT queue_name, 'migrated', count(*), min(GREATEST(created_at, run_at))
-        FROM queue.jobs WHERE status = 'migrated' GROUP BY queue_name
+        SELECT queue_name, {migrated}, count(*), min(GREATEST(created_at, run_at))
+        FROM queue.jobs WHERE status = {migrated} GROUP BY queue_name
         UNION ALL
         SELECT queue_name, status, count(*), NULL
-        FROM queue.jobs WHERE status IN ('scheduled', 'retry_scheduled') GROUP BY queue_name, status
+        FROM queue.jobs WHERE status IN {waiting} GROUP BY queue_name, status
         UNION ALL
-        SELECT queue_name, 'running', count(*), NULL
-        FROM queue.jobs WHERE status = 'running' GROUP BY queue_name
+        SELECT queue_name, {running}, count(*), NULL
+        FROM queue.jobs WHERE status = {running} GROUP BY queue_name
         UNION ALL
-        SELECT queue_name, 'failed', count(*), min(failed_at)
-        FROM queue.jobs WHERE status = 'failed' GROUP BY queue_name),
+        SELECT queue_name, {failed}, count(*), min(failed_at)
+        FROM queue.jobs WHERE status = {failed} GROUP BY queue_name),
     states AS (
         SELECT queue_name,
-               sum(n) FILTER (WHERE state = 'queued') AS queued,
-               sum(n) FILTER (WHERE state = 'scheduled') AS scheduled,
-               sum(n) FILTER (WHERE state = 'migrated') AS migrated,
-               sum(n) FILTER (WHERE state = 'running') AS running,
-               sum(n) FILTER (WHERE state = 'retry_scheduled') AS retry_scheduled,
-               sum(n) FILTER (WHERE state = 'failed') AS dead,
-               min(oldest) FILTER (WHERE state IN ('queued', 'migrated')) AS oldest_waiting,
-               min(oldest) FILTER (WHERE state = 'failed') AS oldest_failed
+               sum(n) FILTER (WHERE state = {queued}) AS queued,
+               sum(n) FILTER (WHERE state = {scheduled}) AS scheduled,
+               sum(n) FILTER (WHERE state = {migrated}) AS migrated,
+               sum(n) FILTER (WHERE state = {running}) AS running,
+               sum(n) FILTER (WHERE state = {retry_scheduled}) AS retry_scheduled,
+               sum(n) FILTER (WHERE state = {failed}) AS dead,
+               min(oldest) FILTER (WHERE state IN ({queued}, {migrated})) AS oldest_waiting,
+               min(oldest) FILTER (WHERE state = {failed}) AS oldest_failed
         FROM live GROUP BY queue_name),
     outcomes AS (
         SELECT queue_name,
@@ -93,20 +95,23 @@ const PER_QUEUE: &str = "
     LEFT JOIN queue.queues q ON q.queue_name = n.queue_name
     LEFT JOIN states s ON s.queue_name = n.queue_name
     LEFT JOIN outcomes o ON o.queue_name = n.queue_name
-    ORDER BY n.queue_name";
+    ORDER BY n.queue_name",
+);
 
 // How long the oldest job the bridge should have dispatched by now has been waiting (paused
 // queues' jobs are not late).
-const BRIDGE_LAG_MS: &str = "
+static BRIDGE_LAG_MS: Sql = Sql::new(
+    "
     SELECT COALESCE(EXTRACT(EPOCH FROM now() - GREATEST(j.created_at, j.run_at)) * 1000, 0)::int8
     FROM queue.jobs j
-    WHERE j.status = 'queued'
+    WHERE j.status = {queued}
       AND NOT EXISTS (SELECT 1 FROM queue.queues q WHERE q.queue_name = j.queue_name AND q.paused)
-    ORDER BY j.id LIMIT 1";
+    ORDER BY j.id LIMIT 1",
+);
 
 /// Every queue that has settings, jobs not yet pruned in a counted state, or outcomes.
 pub fn per_queue(client: &mut SpiClient<'_>) -> Vec<QueueFigures> {
-    with_plan(client, PER_QUEUE, &[], |client, plan| {
+    with_plan(client, &PER_QUEUE, &[], |client, plan| {
         let rows = client
             .select(plan, None, &[])
             .unwrap_or_else(|e| error!("queue_pg: reading queue figures failed: {e}"));
@@ -145,7 +150,7 @@ pub fn per_queue(client: &mut SpiClient<'_>) -> Vec<QueueFigures> {
 
 /// The bridge's lag in milliseconds: 0 when nothing waits for it. A failed query is an ERROR.
 pub fn bridge_lag_ms(client: &mut SpiClient<'_>) -> i64 {
-    with_plan(client, BRIDGE_LAG_MS, &[], |client, plan| {
+    with_plan(client, &BRIDGE_LAG_MS, &[], |client, plan| {
         client
             .select(plan, Some(1), &[])
             .and_then(|t| first_value::<i64>(t, 1))

@@ -4,6 +4,7 @@
 use super::figures::{self, QueueFigures};
 use super::redis_probe::{probe, RedisProbe};
 use crate::bridge::shared::{self, BridgeStatus};
+use crate::lifecycle::{JobState, Priority};
 use crate::redis::iso_utc;
 use crate::settings;
 use pgrx::datum::JsonB;
@@ -23,15 +24,38 @@ fn health() -> JsonB {
     JsonB(document(&queues, lag_ms, &redis, bridge.as_ref()))
 }
 
-/// `running`, `stalled` (no cycle for three poll intervals), `stopped` or `not_loaded`.
-pub fn bridge_state(bridge: Option<&BridgeStatus>) -> &'static str {
+/// What health() says of the bridge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BridgeState {
+    Running,
+    /// No cycle for three poll intervals (at least 3 s).
+    Stalled,
+    Stopped,
+    /// queue_pg is not in `shared_preload_libraries`.
+    NotLoaded,
+}
+
+impl BridgeState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BridgeState::Running => "running",
+            BridgeState::Stalled => "stalled",
+            BridgeState::Stopped => "stopped",
+            BridgeState::NotLoaded => "not_loaded",
+        }
+    }
+}
+
+pub fn bridge_state(bridge: Option<&BridgeStatus>) -> BridgeState {
     let stall_after = (settings::poll_interval() * 3).max(Duration::from_secs(3));
     let now_us = shared::unix_micros();
     match bridge {
-        None => "not_loaded",
-        Some(b) if b.pid == 0 => "stopped",
-        Some(b) if now_us - b.last_cycle_us > stall_after.as_micros() as i64 => "stalled",
-        Some(_) => "running",
+        None => BridgeState::NotLoaded,
+        Some(b) if b.pid == 0 => BridgeState::Stopped,
+        Some(b) if now_us - b.last_cycle_us > stall_after.as_micros() as i64 => {
+            BridgeState::Stalled
+        }
+        Some(_) => BridgeState::Running,
     }
 }
 
@@ -64,18 +88,23 @@ fn document(
     for (i, q) in queues.iter().enumerate() {
         // Unknown while Redis cannot be asked: null, not 0.
         let lists = redis.lists.get(i).copied();
-        let list = |p: usize| lists.map(|l| l[p]);
-        per_queue.insert(
-            q.queue.clone(),
-            json!({
-                "high": list(0), "normal": list(1), "low": list(2),
-                "queued": q.queued, "scheduled": q.scheduled, "retry_scheduled": q.retry_scheduled,
-                "running": q.running, "oldest_age_s": q.oldest_age_s,
-            }),
-        );
+        let mut figures = Map::new();
+        for (p, priority) in Priority::ALL.iter().enumerate() {
+            figures.insert(priority.as_str().into(), json!(lists.map(|l| l[p])));
+        }
+        for (state, n) in [
+            (JobState::Queued, q.queued),
+            (JobState::Scheduled, q.scheduled),
+            (JobState::RetryScheduled, q.retry_scheduled),
+            (JobState::Running, q.running),
+        ] {
+            figures.insert(state.as_str().into(), json!(n));
+        }
+        figures.insert("oldest_age_s".into(), json!(q.oldest_age_s));
+        per_queue.insert(q.queue.clone(), Value::Object(figures));
     }
 
-    let status = if !redis_ok || bridge_status != "running" {
+    let status = if !redis_ok || bridge_status != BridgeState::Running {
         "unhealthy"
     } else if lag_ms > 10_000 || memory_pct.is_some_and(|p| p > 80.0) || failed > 0 {
         "degraded"
@@ -95,10 +124,15 @@ fn document(
             "error": redis.error,
         },
         "queues": per_queue,
-        "recent_jobs": {"completed": completed, "failed": failed, "retried": retried, "window": "1 hour"},
+        "recent_jobs": {
+            JobState::Completed.as_str(): completed,
+            JobState::Failed.as_str(): failed,
+            "retried": retried,
+            "window": "1 hour",
+        },
         "dead_letter_queue": {"depth": dead_depth, "oldest_failed_at": oldest_failed_at},
         "bridge": {
-            "status": bridge_status,
+            "status": bridge_status.as_str(),
             "pid": bridge.map(|b| b.pid).filter(|&p| p != 0),
             "last_cycle_at": bridge.filter(|b| b.last_cycle_us > 0).map(|b| {
                 iso_utc(UNIX_EPOCH + Duration::from_micros(b.last_cycle_us as u64))

@@ -3,8 +3,8 @@
 
 pub mod figures;
 pub mod health;
-pub mod memory;
 pub mod metrics;
+pub mod optimize_memory;
 pub mod prometheus;
 pub mod redis_probe;
 

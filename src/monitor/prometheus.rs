@@ -2,9 +2,10 @@
 //! text exposition format (version 0.0.4), for a scrape endpoint or a textfile collector.
 
 use super::figures::{self, Outcomes, QueueFigures};
-use super::health::bridge_state;
+use super::health::{bridge_state, BridgeState};
 use super::metrics;
 use crate::bridge::shared;
+use crate::lifecycle::{JobState, Priority};
 use pgrx::prelude::*;
 use std::fmt::Write;
 
@@ -52,20 +53,20 @@ fn number(v: f64) -> String {
 /// A figure read from a struct.
 type Figure<T> = fn(&T) -> i64;
 
-const LIVE_STATES: [(&str, Figure<QueueFigures>); 6] = [
-    ("queued", |q| q.queued),
-    ("scheduled", |q| q.scheduled),
-    ("migrated", |q| q.migrated),
-    ("running", |q| q.running),
-    ("retry_scheduled", |q| q.retry_scheduled),
-    ("failed", |q| q.dead),
+const LIVE_STATES: [(JobState, Figure<QueueFigures>); 6] = [
+    (JobState::Queued, |q| q.queued),
+    (JobState::Scheduled, |q| q.scheduled),
+    (JobState::Migrated, |q| q.migrated),
+    (JobState::Running, |q| q.running),
+    (JobState::RetryScheduled, |q| q.retry_scheduled),
+    (JobState::Failed, |q| q.dead),
 ];
 
-const OUTCOMES: [(&str, Figure<Outcomes>); 4] = [
-    ("completed", |o| o.completed),
-    ("retry_scheduled", |o| o.retried),
-    ("failed", |o| o.failed),
-    ("cancelled", |o| o.cancelled),
+const OUTCOMES: [(JobState, Figure<Outcomes>); 4] = [
+    (JobState::Completed, |o| o.completed),
+    (JobState::RetryScheduled, |o| o.retried),
+    (JobState::Failed, |o| o.failed),
+    (JobState::Cancelled, |o| o.cancelled),
 ];
 
 /// The metrics in Prometheus text format.
@@ -87,7 +88,7 @@ fn prometheus() -> String {
         for (state, count) in LIVE_STATES {
             out.sample(
                 "queue_pg_jobs",
-                &[("queue", &q.queue), ("state", state)],
+                &[("queue", &q.queue), ("state", state.as_str())],
                 count(q) as f64,
             );
         }
@@ -98,8 +99,8 @@ fn prometheus() -> String {
         "Messages waiting in the queue's Redis list, by priority (absent while Redis is unreachable).",
     );
     for (q, lists) in queues.iter().zip(&redis.lists) {
-        for (p, priority) in ["high", "normal", "low"].iter().enumerate() {
-            let labels = [("queue", q.queue.as_str()), ("priority", priority)];
+        for (p, priority) in Priority::ALL.iter().enumerate() {
+            let labels = [("queue", q.queue.as_str()), ("priority", priority.as_str())];
             out.sample("queue_pg_redis_list_jobs", &labels, lists[p] as f64);
         }
     }
@@ -136,7 +137,7 @@ fn prometheus() -> String {
     );
     for q in &queues {
         for (state, count) in OUTCOMES {
-            let labels = [("queue", q.queue.as_str()), ("state", state)];
+            let labels = [("queue", q.queue.as_str()), ("state", state.as_str())];
             out.sample(
                 "queue_pg_job_outcomes_total",
                 &labels,
@@ -151,7 +152,7 @@ fn prometheus() -> String {
     );
     for q in &queues {
         for (state, count) in OUTCOMES {
-            let labels = [("queue", q.queue.as_str()), ("state", state)];
+            let labels = [("queue", q.queue.as_str()), ("state", state.as_str())];
             out.sample(
                 "queue_pg_job_outcomes_last_hour",
                 &labels,
@@ -160,7 +161,7 @@ fn prometheus() -> String {
         }
     }
 
-    let running = bridge_state(bridge.as_ref()) == "running";
+    let running = bridge_state(bridge.as_ref()) == BridgeState::Running;
     out.family(
         "queue_pg_bridge_up",
         "gauge",

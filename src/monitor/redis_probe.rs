@@ -2,8 +2,9 @@
 //! round trip, all within `queue.redis_timeout` in total. Failures are reported in `error`,
 //! never as ERRORs and never as made-up numbers.
 
+use crate::lifecycle::Priority;
 use crate::redis::conn::scrub;
-use crate::redis::{connect_for_call, Keys};
+use crate::redis::{connect_for_call, info_field, Keys};
 use crate::settings;
 
 #[derive(Default)]
@@ -15,13 +16,6 @@ pub struct RedisProbe {
     /// Per queue: LLEN of its high, normal and low lists.
     pub lists: Vec<[i64; 3]>,
     pub error: Option<String>,
-}
-
-/// A numeric field of an INFO reply (`name:value` lines).
-pub fn info_field(info: &str, name: &str) -> Option<i64> {
-    info.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// PING, INFO memory and clients, and per queue the lengths of its three lists, in one round
@@ -48,7 +42,7 @@ fn ask(url: &str, queues: &[String]) -> Result<RedisProbe, String> {
         .cmd("INFO")
         .arg("clients");
     for q in queues {
-        for p in ["high", "normal", "low"] {
+        for p in Priority::ALL {
             pipe.cmd("LLEN").arg(keys.list(q, p));
         }
     }
@@ -94,18 +88,5 @@ fn text(v: &redis::Value) -> Result<String, String> {
         redis::Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
         redis::Value::VerbatimString { text, .. } => Ok(text.clone()),
         other => Err(format!("unexpected reply from Redis: {other:?}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::info_field;
-
-    #[test]
-    fn info_fields_are_read_by_exact_name() {
-        let info = "# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nmaxmemory:0\r\n";
-        assert_eq!(info_field(info, "used_memory"), Some(1024));
-        assert_eq!(info_field(info, "maxmemory"), Some(0));
-        assert_eq!(info_field(info, "used_memory_peak"), None);
     }
 }

@@ -1,5 +1,7 @@
-//! The one place where Redis key names are built. Workers depend on these names (see SPEC.md,
+//! The one place where Redis key names are built. Workers depend on these names (docs/reference.md,
 //! "Redis layout"); the `{queue}` hash tag keeps one queue's keys in one Redis Cluster slot.
+
+use crate::lifecycle::Priority;
 
 pub struct Keys {
     prefix: String,
@@ -13,14 +15,14 @@ impl Keys {
     }
 
     /// `queue_pg:{emails}:high`: the list workers BRPOP from.
-    pub fn list(&self, queue: &str, priority: &str) -> String {
+    pub fn list(&self, queue: &str, priority: Priority) -> String {
         format!("{}:{{{}}}:{}", self.prefix, queue, priority)
     }
 
     /// `queue_pg:{emails}:high:pushed`: how many messages the bridge ever pushed to that list.
     /// Lists are FIFO, so `pushed - LLEN` messages have left it: the bridge's way to know which
     /// jobs a worker has popped.
-    pub fn pushed_counter(&self, queue: &str, priority: &str) -> String {
+    pub fn pushed_counter(&self, queue: &str, priority: Priority) -> String {
         format!("{}:{{{}}}:{}:pushed", self.prefix, queue, priority)
     }
 

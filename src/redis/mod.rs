@@ -1,8 +1,10 @@
-//! Everything that talks to Redis: connections with timeouts, key names, and the time format of
-//! the values queue_pg writes there.
+//! Everything that talks to Redis: connections with timeouts, key names, the wire format of what
+//! queue_pg writes there (`wire`), and its time format.
 
 pub mod conn;
 pub mod keys;
+pub mod upkeep;
+pub mod wire;
 
 pub use conn::{redact, Conn};
 pub use keys::Keys;
@@ -22,6 +24,13 @@ fn backend_interrupted() -> bool {
         std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0
             || std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0
     }
+}
+
+/// A numeric field of an INFO reply (`name:value` lines).
+pub fn info_field(info: &str, name: &str) -> Option<i64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `2026-11-30T12:00:00.000Z`: the UTC timestamp format of every time queue_pg writes to Redis.
@@ -63,6 +72,7 @@ fn iso_utc_from_unix_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Priority;
     use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
@@ -91,9 +101,17 @@ mod tests {
     #[test]
     fn keys_follow_the_documented_layout() {
         let k = Keys::new("queue_pg");
-        assert_eq!(k.list("emails", "high"), "queue_pg:{emails}:high");
+        assert_eq!(k.list("emails", Priority::High), "queue_pg:{emails}:high");
         assert_eq!(k.job(42), "queue_pg:job:42");
         assert_eq!(k.dead_letter_list(), "queue_pg:deadletter:queue");
         assert_eq!(k.dead_letter_marker(42), "queue_pg:deadletter:42");
+    }
+
+    #[test]
+    fn info_fields_are_read_by_exact_name() {
+        let info = "# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nmaxmemory:0\r\n";
+        assert_eq!(info_field(info, "used_memory"), Some(1024));
+        assert_eq!(info_field(info, "maxmemory"), Some(0));
+        assert_eq!(info_field(info, "used_memory_peak"), None);
     }
 }

@@ -1,5 +1,6 @@
-//! The retry rule (SPEC.md, "Backoff rule"), in one place: used by `queue.fail` and by the
-//! bridge when a lease expires.
+//! The backoff rule (docs/reference.md, "Backoff rule") as a pure function: how long a failed
+//! attempt waits, or whether the job is dead. `failure` applies it for `queue.fail` and for
+//! expired leases.
 
 /// What a failed attempt leads to.
 #[derive(Debug, PartialEq)]

@@ -1,5 +1,4 @@
-//! Redis memory: `queue.optimize_memory()`, which the bridge also runs every
-//! `queue.memory_check_interval` (a slice at a time, see `bridge::worker`).
+//! Redis memory upkeep, used by `queue.optimize_memory()` and by the bridge's memory check:
 //!
 //! - Job hashes: SCAN (never KEYS) over `<prefix>:job:*`; a hash without a TTL whose job Postgres
 //!   shows finished, or no longer has, gets `queue.job_hash_ttl`. Postgres decides, not the
@@ -9,17 +8,8 @@
 //!   the list is trimmed, again and again. Dead jobs stay in Postgres (`queue.dead_letters`),
 //!   which is their durable record; the Redis list is a copy for workers and dashboards.
 
-use super::redis_probe::info_field;
-use crate::api::errors::raise;
-use crate::redis::conn::scrub;
-use crate::redis::{connect_for_call, Conn, Keys};
+use super::{info_field, Conn, Keys};
 use crate::settings;
-use crate::spi_plans::types::INT8_ARRAY;
-use crate::spi_plans::{required, with_plan};
-use pgrx::datum::JsonB;
-use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
-use serde_json::json;
 use std::collections::HashSet;
 
 /// Keys per SCAN call (a hint to Redis).
@@ -39,10 +29,6 @@ const EXPIRE_IF_NO_TTL: &str = "
         end
     end
     return n";
-
-const UNFINISHED: &str = "
-    SELECT id FROM queue.jobs
-    WHERE id = ANY($1) AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled')";
 
 #[derive(Default, Debug)]
 pub struct Report {
@@ -150,18 +136,6 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Which of `ids` are unfinished jobs. Runs inside the caller's transaction (no Redis here).
-pub fn unfinished(client: &mut SpiClient<'_>, ids: &[i64]) -> HashSet<i64> {
-    with_plan(client, UNFINISHED, &[INT8_ARRAY], |client, plan| {
-        let rows = client
-            .select(plan, None, &[ids.to_vec().into()])
-            .map_err(|e| e.to_string())?;
-        rows.map(|r| required(r.get::<i64>(1), "id"))
-            .collect::<Result<HashSet<i64>, String>>()
-    })
-    .unwrap_or_else(|e| error!("queue_pg: looking up jobs of Redis hashes failed: {e}"))
-}
-
 /// Redis's `used_memory` and `maxmemory` (0: no limit).
 pub fn memory(con: &mut Conn) -> Result<(i64, i64), String> {
     let info: String = redis::cmd("INFO")
@@ -199,80 +173,6 @@ pub fn trim_dead_letters(con: &mut Conn, keys: &Keys) -> Result<u64, String> {
         trimmed += (len - keep) as u64;
     }
     Ok(trimmed)
-}
-
-fn redis_failed(code: PgSqlErrorCode, error: &str, url: &str) -> ! {
-    raise(
-        code,
-        format!(
-            "queue_pg: Redis failed during optimize_memory: {}",
-            scrub(error, url)
-        ),
-    )
-}
-
-/// One Redis step of `optimize_memory`; an ERROR if it fails. Every step shares the call's one
-/// deadline (`queue.redis_timeout` from the start of the call).
-fn call<R>(con: &mut Conn, url: &str, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> R {
-    f(con).unwrap_or_else(|e| {
-        check_for_interrupts!(); // a cancelled query says so, not "Redis failed"
-        redis_failed(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &e, url)
-    })
-}
-
-/// Gives finished jobs' Redis hashes their TTL, trims the dead-letter list under memory
-/// pressure, and reports what it did. All its Redis calls together wait at most
-/// `queue.redis_timeout`: on a keyspace too large for that, raise the setting for the call
-/// (`SET queue.redis_timeout`) or leave the work to the bridge, which does it in slices.
-#[pg_extern(volatile)]
-fn optimize_memory() -> JsonB {
-    // The job hashes in Redis belong to the jobs of the bridge's database: judged from any other
-    // database, every one of them would look like a pruned job's.
-    let here = Spi::get_one::<String>("SELECT current_database()::text")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| error!("queue_pg: could not read the current database's name"));
-    if here != settings::database() {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!(
-                "queue_pg: optimize_memory() must run in database \"{}\" (queue.database), not in \"{here}\"",
-                settings::database()
-            ),
-        );
-    }
-    let url = settings::redis_url();
-    let keys = Keys::new(settings::redis_prefix());
-    let mut con = connect_for_call(&url).unwrap_or_else(|e| {
-        redis_failed(
-            PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-            &e,
-            &url,
-        )
-    });
-    let (memory_before, maxmemory) = call(&mut con, &url, memory);
-    let mut sweep = Sweep::new(&keys);
-    while !sweep.done() {
-        check_for_interrupts!();
-        let ids = call(&mut con, &url, |con| sweep.scan(con));
-        if ids.is_empty() {
-            continue;
-        }
-        let live = Spi::connect_mut(|client| unfinished(client, &ids));
-        call(&mut con, &url, |con| sweep.expire(con, &keys, &ids, &live));
-    }
-    sweep.report.trimmed = call(&mut con, &url, |con| trim_dead_letters(con, &keys));
-    let (memory_after, _) = call(&mut con, &url, memory);
-    let r = &sweep.report;
-    JsonB(json!({
-        "scanned": r.scanned,
-        "expired": r.expired,
-        "kept": r.kept,
-        "trimmed": r.trimmed,
-        "memory_before": memory_before,
-        "memory_after": memory_after,
-        "maxmemory": maxmemory,
-    }))
 }
 
 #[cfg(test)]

@@ -1,0 +1,138 @@
+//! What the bridge's duties share: the Redis connection, the key names, where dispatch reads
+//! queued jobs from, and the one way they open a transaction.
+
+use super::redis_link::RedisLink;
+use super::shared;
+use crate::redis::Keys;
+use crate::settings;
+use crate::spi_plans::with_plan;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::panic::AssertUnwindSafe;
+
+pub struct Context {
+    pub redis: RedisLink,
+    pub keys: Keys,
+    pub read_from: ReadFrom,
+    /// Whether the extension exists in the bridge's database, as last logged.
+    extension_present: Option<bool>,
+}
+
+impl Context {
+    pub fn from_settings() -> Context {
+        Context {
+            redis: RedisLink::from_settings(),
+            keys: Keys::new(settings::redis_prefix()),
+            read_from: ReadFrom::default(),
+            extension_present: None,
+        }
+    }
+
+    /// After SIGHUP.
+    pub fn reload(&mut self) {
+        self.keys = Keys::new(settings::redis_prefix());
+        self.redis.reload();
+    }
+
+    /// Logs when the extension appears or goes away.
+    pub fn note_extension(&mut self, present: bool) {
+        if self.extension_present == Some(present) {
+            return;
+        }
+        if !present {
+            log!(
+                "queue_pg bridge: extension queue_pg is not installed in database \"{}\"; waiting for CREATE EXTENSION queue_pg",
+                settings::database()
+            );
+        } else if self.extension_present.is_some() {
+            log!("queue_pg bridge: extension queue_pg found; dispatching");
+        }
+        self.extension_present = Some(present);
+    }
+}
+
+/// Where dispatch reads queued jobs from. Not from the lowest id, which would mean walking past
+/// every job of a paused queue on every cycle, but from the lowest id that became `queued` since
+/// the last drain: backends publish that id at commit (`wake`), and duties that make jobs
+/// `queued` again (promotion, rescue) rewind it themselves.
+pub struct ReadFrom {
+    /// Every queued job of an unpaused queue below this id is in Redis, except those published
+    /// in shared memory since (i64::MAX: all are; 0: read from the start).
+    drained_below: i64,
+}
+
+impl Default for ReadFrom {
+    /// A new bridge reads from the start.
+    fn default() -> Self {
+        ReadFrom { drained_below: 0 }
+    }
+}
+
+impl ReadFrom {
+    /// Jobs were made `queued` again somewhere below what was drained: read from the start.
+    pub fn rewind(&mut self) {
+        self.drained_below = 0;
+    }
+
+    /// The id the next drain starts at, taking what commits published meanwhile.
+    pub fn take(&mut self) -> i64 {
+        shared::take_queued_from().min(self.drained_below)
+    }
+
+    /// After a drain that started at `from`: if it emptied the backlog, the next starts at
+    /// whatever commits publish meanwhile; if not (Redis failed), at `from` again.
+    pub fn drained(&mut self, complete: bool, from: i64) {
+        self.drained_below = if complete { i64::MAX } else { from };
+    }
+}
+
+/// Runs `f` in a transaction of its own with an SPI connection. An ERROR or panic inside is
+/// published as the bridge's last error (for `queue.health()`) before it ends the bridge, which
+/// the postmaster then restarts; Postgres logs it.
+pub fn in_transaction<R>(f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
+    let f = AssertUnwindSafe(f);
+    let run = AssertUnwindSafe(move || {
+        BackgroundWorker::transaction(move || {
+            let f = f; // the whole wrapper, not just its field
+            Spi::connect_mut(|client| (f.0)(client))
+        })
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(r) => r,
+        Err(payload) => {
+            shared::record_error(&panic_message(payload.as_ref()));
+            std::panic::resume_unwind(payload)
+        }
+    }
+}
+
+/// The message of an ERROR or panic caught in the bridge.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    use pgrx::pg_sys::panic::CaughtError;
+    if let Some(e) = payload.downcast_ref::<CaughtError>() {
+        let report = match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+            CaughtError::RustPanic { ereport, .. } => ereport,
+        };
+        return report.message().to_owned();
+    }
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "the bridge panicked".into())
+}
+
+const EXTENSION_PRESENT: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'queue_pg')";
+
+/// Whether `CREATE EXTENSION queue_pg` has run in the bridge's database. Every duty checks in
+/// its first transaction, so a dropped extension means waiting, not an ERROR.
+pub fn extension_present(client: &mut SpiClient<'_>) -> bool {
+    with_plan(client, EXTENSION_PRESENT, &[], |client, plan| {
+        client.select(plan, Some(1), &[])?.first().get_one::<bool>()
+    })
+    .map(|present| present == Some(true))
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: checking for the extension failed: {e}"))
+}

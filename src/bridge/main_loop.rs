@@ -1,0 +1,179 @@
+//! The bridge's main loop: one wait, then the duties in a fixed order, each when it is due.
+//!
+//! ```text
+//! loop:
+//!   wait (the only one): until a commit wakes the bridge, a duty falls due, or a signal
+//!   connect to Redis if not connected (and the backoff allows)
+//!   maintenance     Postgres upkeep: outcome counts, expired leases, pruning  (poll interval)
+//!   redis_loss      did Redis lose its data? then dispatch its jobs again  (new connection, poll interval)
+//!   memory_check    job hash TTLs and dead-letter trimming, a slice at a time  (memory_check_interval)
+//!   rescue          jobs popped but never started: dispatch again  (poll interval)
+//!   state_sync      committed state changes to Redis  (after commits, poll interval)
+//!   dispatch        queued jobs to Redis, pipelined  (every cycle)
+//! ```
+//!
+//! State sync runs before dispatch, so a job hash that dispatch writes (`migrated`) is never
+//! overwritten by an older state. Each duty returns counts, logged here.
+//!
+//! Exit paths: SIGTERM or postmaster death end the loop (exit code 1, so that a terminated bridge
+//! is started again; at shutdown nothing is restarted); an ERROR (or panic) exits with a failure
+//! and the postmaster restarts the bridge after its restart time. Jobs are marked only after
+//! Redis acknowledged them, so no exit path loses one.
+
+use super::context::Context;
+use super::dispatch::Dispatch;
+use super::maintenance::Maintenance;
+use super::memory_check::MemoryCheck;
+use super::redis_loss::RedisLoss;
+use super::report;
+use super::rescue::Rescue;
+use super::shared::{self, shutdown_requested};
+use super::state_sync::StateSync;
+use crate::settings;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // Losing a `migrated` mark in a crash only means pushing that job again (at-least-once),
+    // so the bridge's own commits need not wait for the WAL flush.
+    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off"))
+        .expect("SET synchronous_commit failed");
+    shared::publish_bridge_process();
+    log!("queue_pg bridge: started in database \"{database}\"");
+
+    let mut bridge = Bridge::new();
+    while bridge.wait() {
+        bridge.cycle();
+    }
+    shared::clear_bridge_process();
+    log!("queue_pg bridge: stopped");
+    // Exit code 1, not 0: a bridge stopped by pg_terminate_backend() is started again after its
+    // restart time (exit code 0 would unregister it until the server restarts). At server
+    // shutdown the postmaster restarts nothing.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// The shortest time between the starts of two cycles while jobs wait to be dispatched.
+const MIN_CYCLE_GAP: Duration = Duration::from_millis(2);
+/// The shortest time between the starts of two cycles while commits only changed job states
+/// (workers' start, complete, fail: job hashes to update in Redis, nothing to dispatch).
+const STATE_SYNC_GAP: Duration = Duration::from_millis(20);
+
+struct Bridge {
+    cx: Context,
+    maintenance: Maintenance,
+    redis_loss: RedisLoss,
+    memory_check: MemoryCheck,
+    rescue: Rescue,
+    state_sync: StateSync,
+    dispatch: Dispatch,
+    /// When the last cycle started (None before the first).
+    last_cycle: Option<Instant>,
+}
+
+impl Bridge {
+    fn new() -> Bridge {
+        Bridge {
+            cx: Context::from_settings(),
+            maintenance: Maintenance::default(),
+            redis_loss: RedisLoss::default(),
+            memory_check: MemoryCheck::default(),
+            rescue: Rescue::default(),
+            state_sync: StateSync::default(),
+            dispatch: Dispatch::default(),
+            last_cycle: None,
+        }
+    }
+
+    /// The loop's one wait. Returns when the next cycle should start; false if the bridge
+    /// should stop. Under a stream of commits the bridge runs at most one cycle per gap, so
+    /// that the jobs or state changes of many commits share a cycle; a commit that queues jobs
+    /// shortens the gap.
+    fn wait(&mut self) -> bool {
+        loop {
+            if shutdown_requested() {
+                return false;
+            }
+            if BackgroundWorker::sighup_received() {
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                self.cx.reload();
+            }
+            let Some(last) = self.last_cycle else {
+                return true;
+            };
+            let queued = shared::queued_pending();
+            let gap_end = last
+                + if queued {
+                    MIN_CYCLE_GAP
+                } else {
+                    STATE_SYNC_GAP
+                };
+            let until = if queued || shared::states_pending() {
+                gap_end
+            } else {
+                self.next_due().max(gap_end)
+            };
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            // Whole milliseconds, rounded up (a shorter wait would return at once and spin).
+            // Woken early by a commit or a signal: the loop decides again.
+            let ms = (until - now).as_micros().div_ceil(1000) as u64;
+            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(ms))) {
+                return false;
+            }
+        }
+    }
+
+    /// When the earliest duty falls due (or the next Redis connection attempt).
+    fn next_due(&self) -> Instant {
+        let mut next = [
+            self.maintenance.next_run(),
+            self.redis_loss.next_run(),
+            self.memory_check.next_run(),
+            self.rescue.next_run(),
+            self.state_sync.next_run(),
+        ]
+        .into_iter()
+        .min()
+        .expect("there are duties");
+        if let Some(due) = self.dispatch.next_run() {
+            next = next.min(due);
+        }
+        if let Some(retry) = self.cx.redis.retry_in() {
+            next = next.min(Instant::now() + retry.max(Duration::from_millis(1)));
+        }
+        next
+    }
+
+    fn cycle(&mut self) {
+        let now = Instant::now();
+        self.last_cycle = Some(now);
+        let cx = &mut self.cx;
+        cx.redis.connect();
+        if self.maintenance.due(now) {
+            report::log(&self.maintenance.run(cx, now));
+        }
+        if self.redis_loss.due(cx, now) {
+            report::log(&self.redis_loss.run(cx, now));
+        }
+        if self.memory_check.due(cx, now) {
+            report::log(&self.memory_check.run(cx, now));
+        }
+        if self.rescue.due(cx, now) {
+            report::log(&self.rescue.run(cx, now));
+        }
+        if self.state_sync.due(now) {
+            report::log(&self.state_sync.run(cx, now));
+        }
+        report::log(&self.dispatch.run(cx, now));
+        shared::record_cycle();
+    }
+}

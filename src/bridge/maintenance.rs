@@ -1,0 +1,109 @@
+//! Duty: the Postgres side's upkeep, once per poll interval, in one transaction, whether or not
+//! Redis is reachable: outcomes waiting in the outbox are counted (`outcomes`), minutes that
+//! left the last hour fold into the totals (once a minute), running jobs whose lease expired
+//! fail their attempt by the backoff rule ("lease expired"), and completed jobs older than
+//! `queue.completed_retention` are pruned in bounded batches.
+
+use super::context::{extension_present, in_transaction, Context};
+use super::outcomes;
+use super::report::{Count, Level};
+use super::timer::Every;
+use crate::lifecycle::failure::fail_attempt;
+use crate::lifecycle::Sql;
+use crate::settings;
+use crate::spi_plans::required;
+use pgrx::spi::SpiClient;
+use std::time::{Duration, Instant};
+
+/// How often `queue.stats` minutes that left the last hour are folded into the totals.
+const FOLD_INTERVAL: Duration = Duration::from_secs(60);
+
+static EXPIRED_LEASES: Sql = Sql::new(
+    "
+    SELECT id FROM queue.jobs
+    WHERE status = {running} AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT 500
+    FOR UPDATE SKIP LOCKED",
+);
+
+static PRUNE_COMPLETED: Sql = Sql::new(
+    "
+    DELETE FROM queue.jobs WHERE id IN (
+        SELECT id FROM queue.jobs
+        WHERE status = {completed} AND completed_at < now() - $1 * interval '1 second'
+        ORDER BY completed_at
+        LIMIT 5000)",
+);
+
+#[derive(Default)]
+pub struct Maintenance {
+    every: Every,
+    fold: Every,
+}
+
+impl Maintenance {
+    pub fn due(&self, now: Instant) -> bool {
+        self.every.due(settings::poll_interval(), now)
+    }
+
+    pub fn next_run(&self) -> Instant {
+        self.every.next(settings::poll_interval())
+    }
+
+    pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
+        self.every.ran(now);
+        let fold = self.fold.due(FOLD_INTERVAL, now);
+        let done = in_transaction(|client| {
+            extension_present(client).then(|| {
+                outcomes::count_waiting(client);
+                if fold {
+                    outcomes::fold(client);
+                }
+                (expire_leases(client), prune_completed(client))
+            })
+        });
+        let Some((expired, pruned)) = done else {
+            cx.note_extension(false);
+            return Vec::new();
+        };
+        if fold {
+            self.fold.ran(now);
+        }
+        vec![
+            Count::new(
+                expired,
+                Level::Log,
+                "{n} running jobs' leases expired; counted as failed attempts",
+            ),
+            Count::new(pruned, Level::Debug, "pruned {n} completed jobs"),
+        ]
+    }
+}
+
+/// Fails running jobs whose lease expired, by the backoff rule. Returns how many.
+fn expire_leases(client: &mut SpiClient<'_>) -> usize {
+    let ids: Vec<i64> = client
+        .update(&*EXPIRED_LEASES, None, &[])
+        .map_err(|e| e.to_string())
+        .and_then(|rows| rows.map(|r| required(r.get::<i64>(1), "id")).collect())
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: finding expired leases failed: {e}"));
+    for &id in &ids {
+        // Locked above and running: fail_attempt cannot find it otherwise.
+        fail_attempt(client, id, "lease expired", None)
+            .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: failing an expired lease: {e}"));
+    }
+    ids.len()
+}
+
+/// Deletes one bounded batch of old completed jobs. Returns how many.
+fn prune_completed(client: &mut SpiClient<'_>) -> usize {
+    client
+        .update(
+            &*PRUNE_COMPLETED,
+            None,
+            &[settings::completed_retention_s().into()],
+        )
+        .map(|t| t.len())
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: pruning completed jobs failed: {e}"))
+}

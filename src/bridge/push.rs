@@ -1,0 +1,276 @@
+//! Dispatch: read a batch of queued jobs, push it to Redis in one pipelined MULTI/EXEC, and mark
+//! the jobs `migrated` only after Redis acknowledged. The mark of one batch and the read of the
+//! next share a transaction; the bridge never waits for Redis inside a transaction.
+//!
+//! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
+//! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
+
+use crate::lifecycle::Sql;
+use crate::lifecycle::{JobState, Priority};
+use crate::redis::wire::{self, JobHash, ListEntry};
+use crate::redis::{iso_utc, iso_utc_from_pg, Conn, Keys};
+use crate::spi_plans::types::{INT8, INT8_ARRAY};
+use crate::spi_plans::{self, required, with_plan};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::spi::SpiClient;
+use serde_json::value::RawValue;
+use std::time::SystemTime;
+
+/// A queued job as the bridge reads it.
+pub struct Job {
+    pub id: i64,
+    pub queue: String,
+    pub priority: Priority,
+    pub payload: Box<RawValue>,
+    pub attempt_count: i32,
+    pub max_attempts: i32,
+    pub enqueued_at: String,
+}
+
+/// Jobs Redis acknowledged, with their position in their list.
+#[derive(Default)]
+pub struct Pushed {
+    pub ids: Vec<i64>,
+    pub seqs: Vec<i64>,
+}
+
+static READ_BATCH: Sql = Sql::new(
+    r#"
+    SELECT j.id, j.queue_name, j.priority, j.payload::text, j.attempt_count, j.max_attempts,
+           j.created_at
+    FROM queue.jobs j
+    WHERE j.status = {queued} AND j.id > $2
+      AND NOT EXISTS (SELECT 1 FROM queue.queues q WHERE q.queue_name = j.queue_name AND q.paused)
+    ORDER BY j.id
+    LIMIT $1"#,
+);
+
+/// Ids per step of the sweep for queued jobs that nothing announced (see `worker`).
+pub const SWEEP_IDS: i64 = 5000;
+
+// From the first queued id above $1 (gaps in the ids are skipped), $2 ids: the lowest queued id
+// of an unpaused queue among them, and the last id of the range (NULL when no id above $1 is
+// queued: the sweep is done). Reads only the queued jobs' index, over a bounded range.
+static SWEEP: Sql = Sql::new(
+    "
+    WITH first AS (SELECT min(id) AS id FROM queue.jobs WHERE status = {queued} AND id > $1)
+    SELECT (SELECT min(j.id) FROM queue.jobs j, first
+            WHERE j.status = {queued} AND j.id >= first.id AND j.id < first.id + $2
+              AND NOT EXISTS (SELECT 1 FROM queue.queues q
+                              WHERE q.queue_name = j.queue_name AND q.paused)),
+           (SELECT id + $2 - 1 FROM first)",
+);
+
+// Only jobs still `queued`: one that a worker already started (it may pop a job before this
+// mark) or that was cancelled meanwhile keeps the state its own transaction gave it. SKIP LOCKED:
+// the bridge never waits for a worker's transaction, so it can never be part of a deadlock with
+// one (a skipped job that stays `queued`, because no worker started it after all, is pushed again
+// by the bridge's next sweep; `start` drops a duplicate).
+static MARK_MIGRATED: Sql = Sql::new(
+    "
+    UPDATE queue.jobs j
+    SET status = {migrated}, dispatched_at = now(), dispatch_seq = b.seq, updated_at = now()
+    FROM (SELECT x.id, b.seq
+          FROM unnest($1::bigint[], $2::bigint[]) AS b(id, seq)
+          JOIN queue.jobs x ON x.id = b.id
+          WHERE x.status = {queued}
+          FOR UPDATE OF x SKIP LOCKED) b
+    WHERE j.id = b.id",
+);
+
+/// Marks what Redis acknowledged as `migrated`. Runs inside the caller's transaction.
+pub fn mark_migrated(client: &mut SpiClient<'_>, pushed: Pushed) {
+    if pushed.ids.is_empty() {
+        return;
+    }
+    let args = [pushed.ids.into(), pushed.seqs.into()];
+    spi_plans::update(
+        client,
+        &MARK_MIGRATED,
+        &[INT8_ARRAY, INT8_ARRAY],
+        None,
+        &args,
+    )
+    .map(|_| ())
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: marking jobs migrated failed: {e}"));
+}
+
+/// One step of the sweep after id `after`: the lowest id there that dispatch should read from,
+/// if any, and where the next step goes on from (None: the sweep is done).
+pub fn sweep_step(client: &mut SpiClient<'_>, after: i64) -> (Option<i64>, Option<i64>) {
+    let args = [after.into(), SWEEP_IDS.into()];
+    with_plan(client, &SWEEP, &[INT8, INT8], |client, plan| {
+        client
+            .select(plan, Some(1), &args)?
+            .first()
+            .get_two::<i64, i64>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: sweeping queued jobs failed: {e}"))
+}
+
+/// Reads up to `limit` queued jobs of unpaused queues with ids above `after_id`, oldest first.
+/// (`after_id` skips the batch still in flight to Redis, which is not marked yet.) A row that
+/// does not decode is an ERROR, never a message made of defaults.
+pub fn read_batch(client: &mut SpiClient<'_>, after_id: i64, limit: usize) -> Vec<Job> {
+    let args = [(limit as i64).into(), after_id.into()];
+    with_plan(client, &READ_BATCH, &[INT8, INT8], |client, plan| {
+        let rows = client
+            .select(plan, None, &args)
+            .map_err(|e| e.to_string())?;
+        rows.map(|row| {
+            Ok(Job {
+                id: required(row.get(1), "id")?,
+                queue: required(row.get(2), "queue_name")?,
+                priority: Priority::parse(&required::<String>(row.get(3), "priority")?)?,
+                payload: RawValue::from_string(required(row.get(4), "payload")?)
+                    .map_err(|e| format!("payload: {e}"))?,
+                attempt_count: required(row.get(5), "attempt_count")?,
+                max_attempts: required(row.get(6), "max_attempts")?,
+                enqueued_at: iso_utc_from_pg(
+                    required::<TimestampWithTimeZone>(row.get(7), "created_at")?.into_inner(),
+                ),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: reading queued jobs failed: {e}"))
+}
+
+/// The list entry workers pop. `attempt` is the attempt this delivery is for.
+pub fn message(job: &Job) -> String {
+    wire::to_json(&ListEntry {
+        id: job.id,
+        queue: job.queue.as_str().into(),
+        priority: job.priority,
+        payload: &job.payload,
+        attempt: job.attempt_count + 1,
+        max_attempts: job.max_attempts,
+        enqueued_at: job.enqueued_at.as_str().into(),
+    })
+}
+
+/// A batch whose MULTI/EXEC was sent to Redis and whose reply has not been read yet.
+pub struct InFlight {
+    /// Job ids per list, in push order.
+    lists: Vec<Vec<i64>>,
+    /// Commands between MULTI and EXEC.
+    commands: usize,
+}
+
+/// Sends `jobs` as one MULTI/EXEC without waiting for the reply: per list, one LPUSH of its
+/// messages in id order (so BRPOP takes the oldest first) and one INCRBY of its push counter;
+/// per job, its hash. The bridge reads the reply with [`receive`] after its next Postgres
+/// transaction, so Redis and Postgres work at the same time, and no transaction is open while
+/// the bridge waits for Redis.
+pub fn send(con: &mut Conn, keys: &Keys, jobs: &[Job]) -> Result<InFlight, String> {
+    let now = iso_utc(SystemTime::now());
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+
+    // Group by list, keeping id order within each list.
+    let mut lists: Vec<((&str, Priority), Vec<&Job>)> = Vec::new();
+    for job in jobs {
+        let list = (job.queue.as_str(), job.priority);
+        match lists.iter_mut().find(|(l, _)| *l == list) {
+            Some((_, members)) => members.push(job),
+            None => lists.push((list, vec![job])),
+        }
+    }
+    for ((queue, priority), members) in &lists {
+        let lpush = pipe.cmd("LPUSH").arg(keys.list(queue, *priority));
+        for job in members {
+            lpush.arg(message(job));
+        }
+        pipe.cmd("INCRBY")
+            .arg(keys.pushed_counter(queue, *priority))
+            .arg(members.len());
+    }
+    for job in jobs {
+        let hash = JobHash {
+            status: JobState::Migrated,
+            queue: &job.queue,
+            attempt_count: job.attempt_count,
+            updated_at: &now,
+            queued_at: Some(&now),
+            error: None,
+            retry_delay_ms: None,
+            failed_at: None,
+        };
+        pipe.cmd("HSET").arg(keys.job(job.id)).arg(hash.fields());
+    }
+    con.send_packed_command(&pipe.get_packed_pipeline())
+        .map_err(|e| e.to_string())?;
+    Ok(InFlight {
+        lists: lists
+            .iter()
+            .map(|(_, members)| members.iter().map(|j| j.id).collect())
+            .collect(),
+        commands: pipe.len(),
+    })
+}
+
+/// The list positions of `n` messages pushed in one LPUSH, given the push counter after it:
+/// the oldest of them is at `counter - n + 1`, the newest at `counter`.
+fn positions(counter: i64, n: usize) -> impl Iterator<Item = i64> {
+    let first = counter - n as i64 + 1;
+    (0..n as i64).map(move |k| first + k)
+}
+
+/// Reads the reply of a sent batch: what Redis acknowledged, with each job's list position.
+pub fn receive(con: &mut Conn, batch: InFlight) -> Result<Pushed, String> {
+    use redis::Value;
+    // MULTI → OK, each command → QUEUED, EXEC → the array of the commands' replies.
+    for _ in 0..=batch.commands {
+        match con.recv_response().map_err(|e| e.to_string())? {
+            Value::Okay => {}
+            Value::SimpleString(s) if s == "QUEUED" => {}
+            other => return Err(format!("unexpected reply in MULTI: {other:?}")),
+        }
+    }
+    let replies = match con.recv_response().map_err(|e| e.to_string())? {
+        Value::Array(replies) => replies,
+        other => return Err(format!("EXEC failed: {other:?}")),
+    };
+    let mut pushed = Pushed::default();
+    for (g, ids) in batch.lists.into_iter().enumerate() {
+        // Replies per list: LPUSH, then INCRBY (the counter after this push).
+        let Some(Value::Int(counter)) = replies.get(2 * g + 1) else {
+            return Err(format!(
+                "unexpected INCRBY reply: {:?}",
+                replies.get(2 * g + 1)
+            ));
+        };
+        pushed.seqs.extend(positions(*counter, ids.len()));
+        pushed.ids.extend(ids);
+    }
+    Ok(pushed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_is_the_list_entry_for_the_next_attempt() {
+        let job = Job {
+            id: 42,
+            queue: "emails".into(),
+            priority: Priority::Normal,
+            payload: RawValue::from_string(r#"{"to": "a@b.c"}"#.into()).unwrap(),
+            attempt_count: 2,
+            max_attempts: 5,
+            enqueued_at: "2026-11-30T12:00:00.000Z".into(),
+        };
+        assert_eq!(
+            message(&job),
+            r#"{"id":42,"queue":"emails","priority":"normal","payload":{"to": "a@b.c"},"attempt":3,"max_attempts":5,"enqueued_at":"2026-11-30T12:00:00.000Z"}"#
+        );
+    }
+
+    #[test]
+    fn positions_count_back_from_the_counter() {
+        assert_eq!(positions(10, 3).collect::<Vec<_>>(), vec![8, 9, 10]);
+        assert_eq!(positions(1, 1).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(positions(5, 0).count(), 0);
+    }
+}

@@ -1,0 +1,262 @@
+//! Duty: Redis follows Postgres after commit. The bridge applies `queue.redis_outbox` (written
+//! by the lifecycle functions in their transactions) to the job hashes and the dead-letter list,
+//! then deletes the rows it applied by their ids (counting their outcomes: `outcomes`). Every
+//! Redis command is idempotent, so a crash in between only means applying a change twice.
+//!
+//! Runs when a commit changed job states, while rows are left over, and once per poll interval.
+
+use super::context::{extension_present, in_transaction, Context};
+use super::report::{Count, Level};
+use super::timer::Every;
+use super::{outcomes, shared};
+use crate::lifecycle::Sql;
+use crate::lifecycle::{JobState, Priority};
+use crate::redis::wire::{self, DeadLetterEntry, JobHash};
+use crate::redis::{iso_utc, iso_utc_from_pg, Conn, Keys};
+use crate::settings;
+use crate::spi_plans::types::INT8;
+use crate::spi_plans::{optional, required, with_plan};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::spi::SpiClient;
+use serde_json::value::RawValue;
+use std::time::Instant;
+use std::time::SystemTime;
+
+/// One outbox row with the job's current state (None when the job no longer exists).
+pub struct Change {
+    id: i64,
+    job_id: i64,
+    replayed: bool,
+    /// The state the job entered with this change.
+    entered: JobState,
+    job: Option<JobNow>,
+}
+
+/// The job as it is now (a later change may have moved it on since the outbox row was written).
+struct JobNow {
+    status: JobState,
+    queue: String,
+    attempt_count: i32,
+    error: Option<String>,
+    failed_at: Option<String>,
+    retry_delay_ms: Option<i64>,
+    /// Only a dead job's (for its dead-letter entry).
+    payload: Option<Box<RawValue>>,
+    priority: Priority,
+}
+
+// One primary-key lookup per outbox row: the LIMIT keeps Postgres from flattening the LATERAL
+// subquery into a join, which it planned as a hash join over all of queue.jobs (a full scan in
+// every bridge cycle). Only a dead job's payload is needed (for its dead-letter entry).
+static READ_OUTBOX: Sql = Sql::new(
+    "
+    SELECT o.id, o.job_id, o.event, o.status AS entered, j.status, j.queue_name,
+           j.attempt_count, j.last_error_message, j.failed_at, j.retry_delay_ms, j.payload,
+           j.priority
+    FROM (SELECT id, job_id, event, status FROM queue.redis_outbox ORDER BY id LIMIT $1) o
+    LEFT JOIN LATERAL (
+        SELECT status, queue_name, attempt_count, last_error_message, failed_at,
+               (EXTRACT(EPOCH FROM (run_at - updated_at)) * 1000)::bigint AS retry_delay_ms,
+               CASE WHEN status = {failed} THEN payload::text END AS payload, priority
+        FROM queue.jobs WHERE id = o.job_id
+        LIMIT 1) j ON true",
+);
+
+/// Adds the dead-letter entry once: the marker doubles as the guard against a second LPUSH.
+const ADD_DEAD_LETTER: &str = "
+    if redis.call('SET', KEYS[1], 'moved', 'NX', 'EX', ARGV[1]) then
+        redis.call('LPUSH', KEYS[2], ARGV[2])
+        return 1
+    end
+    return 0";
+
+/// Removes the job's entries (they start with ARGV[1]) from the dead-letter list, and its marker.
+const REMOVE_DEAD_LETTER: &str = "
+    local removed = 0
+    for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+        if string.sub(item, 1, #ARGV[1]) == ARGV[1] then
+            removed = removed + redis.call('LREM', KEYS[1], 0, item)
+        end
+    end
+    redis.call('DEL', KEYS[2])
+    return removed";
+
+/// At most this many outbox rows per Redis round trip.
+const BATCH: usize = 1000;
+
+#[derive(Default)]
+pub struct StateSync {
+    every: Every,
+    /// Rows may be waiting: a full batch was applied, or Redis failed or was down.
+    left_over: bool,
+}
+
+impl StateSync {
+    pub fn due(&self, now: Instant) -> bool {
+        self.left_over || shared::states_pending() || self.every.due(settings::poll_interval(), now)
+    }
+
+    pub fn next_run(&self) -> Instant {
+        self.every.next(settings::poll_interval())
+    }
+
+    /// Applies waiting changes batch by batch until none is left or Redis fails.
+    pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
+        self.every.ran(now);
+        self.left_over = true;
+        let mut applied = 0;
+        // State changes committed from here on wake the bridge again.
+        shared::states_wake_taken();
+        if cx.redis.connected() {
+            let read = in_transaction(|client| {
+                extension_present(client).then(|| read_changes(client, BATCH))
+            });
+            // None: the extension is not installed, so there is no outbox to read.
+            let mut changes = read.into_iter().flatten().collect::<Vec<_>>();
+            loop {
+                if changes.is_empty() {
+                    self.left_over = false;
+                    break;
+                }
+                let keys = &cx.keys;
+                if cx.redis.run(|con| apply(con, keys, &changes)).is_none() {
+                    break;
+                }
+                applied += changes.len();
+                let more = changes.len() == BATCH;
+                let ids = changes.iter().map(|c| c.id).collect();
+                let next = in_transaction(|client| {
+                    outcomes::delete_applied(client, ids);
+                    if more {
+                        read_changes(client, BATCH)
+                    } else {
+                        Vec::new()
+                    }
+                });
+                publish_totals(&changes);
+                changes = next;
+            }
+        }
+        vec![Count::new(
+            applied,
+            Level::Debug,
+            "{n} state changes applied to Redis",
+        )]
+    }
+}
+
+/// Reads up to `limit` pending changes, oldest first. Runs inside the caller's transaction.
+/// A row that does not decode is an ERROR (logged, and in `health()`), never a default.
+fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
+    with_plan(client, &READ_OUTBOX, &[INT8], |client, plan| {
+        let rows = client
+            .select(plan, None, &[(limit as i64).into()])
+            .map_err(|e| e.to_string())?;
+        rows.map(|row| {
+            let status: Option<String> = optional(row.get(5), "jobs.status")?;
+            let job = match status.as_deref().map(JobState::parse).transpose()? {
+                None => None,
+                Some(status) => Some(JobNow {
+                    queue: required(row.get(6), "jobs.queue_name")?,
+                    attempt_count: required(row.get(7), "jobs.attempt_count")?,
+                    error: optional(row.get(8), "jobs.last_error_message")?,
+                    failed_at: optional(row.get::<TimestampWithTimeZone>(9), "jobs.failed_at")?
+                        .map(|t| iso_utc_from_pg(t.into_inner())),
+                    retry_delay_ms: match status {
+                        JobState::RetryScheduled => Some(required(row.get(10), "the retry delay")?),
+                        _ => None,
+                    },
+                    payload: match status {
+                        JobState::Failed => Some(
+                            RawValue::from_string(required(row.get(11), "jobs.payload")?)
+                                .map_err(|e| format!("jobs.payload: {e}"))?,
+                        ),
+                        _ => None,
+                    },
+                    priority: Priority::parse(&required::<String>(row.get(12), "jobs.priority")?)?,
+                    status,
+                }),
+            };
+            Ok(Change {
+                id: required(row.get(1), "redis_outbox.id")?,
+                job_id: required(row.get(2), "redis_outbox.job_id")?,
+                replayed: required::<String>(row.get(3), "redis_outbox.event")? == "replayed",
+                entered: JobState::parse(&required::<String>(row.get(4), "redis_outbox.status")?)?,
+                job,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+    })
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: reading the Redis outbox failed: {e}"))
+}
+
+/// The bridge's own totals, published once the transaction that counted them has committed.
+fn publish_totals(changes: &[Change]) {
+    let count = |state| changes.iter().filter(|c| c.entered == state).count() as u64;
+    shared::add_outcomes(count(JobState::RetryScheduled), count(JobState::Failed));
+}
+
+/// The dead-letter entry of a dead job.
+fn dead_letter_entry(id: i64, job: &JobNow, payload: &RawValue) -> String {
+    wire::to_json(&DeadLetterEntry {
+        id,
+        queue_name: job.queue.as_str().into(),
+        payload,
+        error: job.error.as_deref().unwrap_or("").into(),
+        failed_at: job.failed_at.as_deref().unwrap_or("").into(),
+        attempt_count: job.attempt_count,
+        original_priority: job.priority,
+    })
+}
+
+/// Applies the changes to Redis in one pipelined round trip: removals of replayed jobs'
+/// dead-letter entries first, then each job's hash (once per job) and, for dead jobs, their entry.
+fn apply(con: &mut Conn, keys: &Keys, changes: &[Change]) -> Result<(), String> {
+    let now = iso_utc(SystemTime::now());
+    let hash_ttl = settings::job_hash_ttl_s();
+    let dead_ttl = settings::dead_letter_ttl_s();
+    let mut pipe = redis::pipe();
+    for c in changes.iter().filter(|c| c.replayed) {
+        pipe.cmd("EVAL")
+            .arg(REMOVE_DEAD_LETTER)
+            .arg(2)
+            .arg(keys.dead_letter_list())
+            .arg(keys.dead_letter_marker(c.job_id))
+            .arg(wire::dead_letter_prefix(c.job_id))
+            .ignore();
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in changes {
+        let Some(job) = c.job.as_ref().filter(|_| seen.insert(c.job_id)) else {
+            continue;
+        };
+        let key = keys.job(c.job_id);
+        let hash = JobHash {
+            status: job.status,
+            queue: &job.queue,
+            attempt_count: job.attempt_count,
+            updated_at: &now,
+            queued_at: None,
+            error: job.error.as_deref(),
+            retry_delay_ms: job.retry_delay_ms,
+            failed_at: job.failed_at.as_deref(),
+        };
+        pipe.cmd("HSET").arg(&key).arg(hash.fields()).ignore();
+        if hash.expires() {
+            pipe.cmd("EXPIRE").arg(&key).arg(hash_ttl).ignore();
+        } else {
+            pipe.cmd("PERSIST").arg(&key).ignore();
+        }
+        if let Some(payload) = &job.payload {
+            pipe.cmd("EVAL")
+                .arg(ADD_DEAD_LETTER)
+                .arg(2)
+                .arg(keys.dead_letter_marker(c.job_id))
+                .arg(keys.dead_letter_list())
+                .arg(dead_ttl)
+                .arg(dead_letter_entry(c.job_id, job, payload))
+                .ignore();
+        }
+    }
+    pipe.query::<()>(con).map_err(|e| e.to_string())
+}
