@@ -1,4 +1,4 @@
-"""Committed jobs reach Redis as the spec's JSON; rolled-back ones never do."""
+"""Committed jobs reach Redis as the documented list entry; rolled-back ones never do."""
 
 import json
 import os

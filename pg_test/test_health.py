@@ -1,4 +1,4 @@
-"""queue.health(): the spec's shape and numbers, Redis down or hanging, the bridge stopped or
+"""queue.health(): the documented shape and numbers, Redis down or hanging, the bridge stopped or
 stalled."""
 
 import json

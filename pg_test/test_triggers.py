@@ -1,4 +1,4 @@
-"""queue.enqueue_row(): one job per changed row with the spec's payload, in the application's
+"""queue.enqueue_row(): one job per changed row with the documented payload, in the application's
 transaction; misuse is a clear ERROR that changes nothing."""
 
 import json

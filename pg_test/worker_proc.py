@@ -1,4 +1,4 @@
-"""A real worker process for the end-to-end tests, following the spec's worker loop:
+"""A real worker process for the end-to-end tests, following the documented worker loop:
 BRPOP high/normal/low -> queue.start -> handler -> queue.complete or queue.fail.
 
     python worker_proc.py MODE QUEUE [OUT_FILE]

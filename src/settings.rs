@@ -1,4 +1,4 @@
-//! Every `queue.*` setting (GUC), with the spec's defaults and contexts.
+//! Every `queue.*` setting (GUC), with their defaults and contexts (docs/reference.md, "Settings").
 //!
 //! Durations are stored as integers in the unit named by their flag (ms or s), so that
 //! `SET queue.lease = '10min'` and `SHOW queue.lease` work as for Postgres's own settings.

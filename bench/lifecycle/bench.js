@@ -2,7 +2,7 @@
 //
 // For each worker count: enqueue N no-op jobs in statements of 100 (queue.enqueue_many /
 // graphile_worker.add_jobs) while the workers run, and time until every job is complete.
-// queue_pg workers follow the spec's loop (BRPOP -> queue.start -> queue.complete), one Redis
+// queue_pg workers follow the documented loop (BRPOP -> queue.start -> queue.complete), one Redis
 // connection per worker; the "complete_many" variant acknowledges in batches instead.
 // graphile-worker runs its own runner with `concurrency` = the worker count.
 //

@@ -1,4 +1,4 @@
-// A queue_pg worker in Node.js (ioredis + pg), following the spec's worker loop:
+// A queue_pg worker in Node.js (ioredis + pg), following the documented worker loop:
 //
 //   BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
 //

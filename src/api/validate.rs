@@ -1,4 +1,5 @@
-//! The spec's bad-input rules, checked before anything is written.
+//! The bad-input rules (docs/reference.md, "Bad input and errors"), checked before anything is
+//! written.
 
 use super::errors::{invalid_argument, null_argument, raise};
 use super::raw_jsonb::RawJsonb;

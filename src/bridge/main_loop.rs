@@ -119,13 +119,14 @@ impl Bridge {
             } else {
                 self.next_due().max(gap_end)
             };
-            let now = Instant::now();
-            if now >= until {
+            // Latch waits count whole milliseconds: less than one left means now (a gap may
+            // end up to 1 ms short; rounding up instead would delay every cycle).
+            let rest = until.saturating_duration_since(Instant::now());
+            let ms = rest.as_millis() as u64;
+            if ms == 0 {
                 return true;
             }
-            // Whole milliseconds, rounded up (a shorter wait would return at once and spin).
             // Woken early by a commit or a signal: the loop decides again.
-            let ms = (until - now).as_micros().div_ceil(1000) as u64;
             if !BackgroundWorker::wait_latch(Some(Duration::from_millis(ms))) {
                 return false;
             }

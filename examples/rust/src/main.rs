@@ -1,4 +1,4 @@
-//! A queue_pg worker in Rust (redis + postgres crates), following the spec's worker loop:
+//! A queue_pg worker in Rust (redis + postgres crates), following the documented worker loop:
 //!
 //!   BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
 //!
