@@ -45,7 +45,12 @@ def test_every_sql_example_in_the_docs_runs(db, tmp_path, name):
     run_blocks(name, tmp_path)
 
 
-def test_nothing_refers_outside_the_repository():
+def test_every_link_stays_inside_the_repository():
     for name in DOCS:
         text = (ROOT / name).read_text()
-        assert "shared/" not in text and "SPEC.md" not in text, name
+        assert "SPEC.md" not in text, name
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path = ((ROOT / name).parent / target).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{name} links to {target}"
