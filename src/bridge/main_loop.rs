@@ -65,6 +65,39 @@ const MIN_CYCLE_GAP: Duration = Duration::from_millis(2);
 /// (workers' start, complete, fail: job hashes to update in Redis, nothing to dispatch).
 const STATE_SYNC_GAP: Duration = Duration::from_millis(20);
 
+/// What commits left for the bridge since it last looked.
+#[derive(Clone, Copy, Default)]
+struct Pending {
+    /// Jobs became `queued`.
+    queued: bool,
+    /// Job states changed (outbox rows to apply).
+    states: bool,
+}
+
+/// When the next cycle starts, given the last one's start: once the gap has passed if commits
+/// left work, otherwise when the earliest duty is due (and the gap has passed).
+fn next_cycle_at(last: Instant, pending: Pending, next_due: Instant) -> Instant {
+    let gap_end = last
+        + if pending.queued {
+            MIN_CYCLE_GAP
+        } else {
+            STATE_SYNC_GAP
+        };
+    if pending.queued || pending.states {
+        gap_end
+    } else {
+        next_due.max(gap_end)
+    }
+}
+
+/// How long to wait on the latch until `until`: latch waits count whole milliseconds, so less
+/// than one left means now (a gap may end up to 1 ms short; rounding up instead would delay every
+/// cycle). None: start now.
+fn latch_wait(until: Instant, now: Instant) -> Option<Duration> {
+    let ms = until.saturating_duration_since(now).as_millis() as u64;
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
 struct Bridge {
     cx: Context,
     maintenance: Maintenance,
@@ -107,27 +140,16 @@ impl Bridge {
             let Some(last) = self.last_cycle else {
                 return true;
             };
-            let queued = shared::queued_pending();
-            let gap_end = last
-                + if queued {
-                    MIN_CYCLE_GAP
-                } else {
-                    STATE_SYNC_GAP
-                };
-            let until = if queued || shared::states_pending() {
-                gap_end
-            } else {
-                self.next_due().max(gap_end)
+            let pending = Pending {
+                queued: shared::queued_pending(),
+                states: shared::states_pending(),
             };
-            // Latch waits count whole milliseconds: less than one left means now (a gap may
-            // end up to 1 ms short; rounding up instead would delay every cycle).
-            let rest = until.saturating_duration_since(Instant::now());
-            let ms = rest.as_millis() as u64;
-            if ms == 0 {
+            let until = next_cycle_at(last, pending, self.next_due());
+            let Some(wait) = latch_wait(until, Instant::now()) else {
                 return true;
-            }
+            };
             // Woken early by a commit or a signal: the loop decides again.
-            if !BackgroundWorker::wait_latch(Some(Duration::from_millis(ms))) {
+            if !BackgroundWorker::wait_latch(Some(wait)) {
                 return false;
             }
         }
@@ -176,5 +198,47 @@ impl Bridge {
         }
         report::log(&self.dispatch.run(cx, now));
         shared::record_cycle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn commits_that_queue_jobs_wait_the_short_gap_only() {
+        let last = Instant::now();
+        let far = last + Duration::from_secs(1);
+        let queued = Pending {
+            queued: true,
+            states: true,
+        };
+        assert_eq!(next_cycle_at(last, queued, far), last + MIN_CYCLE_GAP);
+        let states = Pending {
+            queued: false,
+            states: true,
+        };
+        assert_eq!(next_cycle_at(last, states, far), last + STATE_SYNC_GAP);
+    }
+
+    #[test]
+    fn without_commits_the_earliest_duty_decides_but_never_before_the_gap() {
+        let last = Instant::now();
+        let idle = Pending::default();
+        let later = last + Duration::from_millis(700);
+        assert_eq!(next_cycle_at(last, idle, later), later);
+        assert_eq!(next_cycle_at(last, idle, last), last + STATE_SYNC_GAP);
+    }
+
+    #[test]
+    fn latch_waits_are_whole_milliseconds_rounded_down() {
+        let now = Instant::now();
+        assert_eq!(latch_wait(now, now), None);
+        assert_eq!(latch_wait(now + MS / 2, now), None);
+        assert_eq!(latch_wait(now + MS * 3 / 2, now), Some(MS));
+        assert_eq!(latch_wait(now + MS * 20, now), Some(MS * 20));
+        assert_eq!(latch_wait(now, now + MS), None, "past: now");
     }
 }
