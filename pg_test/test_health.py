@@ -66,6 +66,18 @@ def test_health_is_healthy_when_all_is_well(db, r):
     assert health(db)["status"] == "healthy"
 
 
+def test_redis_by_host_name_serves_health_and_the_bridge(db, r):
+    # A host name is resolved within the call's deadline (on a helper thread), not only IPs.
+    port = r.connection_pool.connection_kwargs["port"]
+    set_config(db, redis_url=f"redis://localhost:{port}")
+    h = health(db)
+    assert h["redis"]["status"] == "healthy" and h["redis"]["ping"] == "PONG", h["redis"]
+    # The bridge reconnects through the name too: a job arrives.
+    job = db.execute("SELECT queue.enqueue('by_name', '{}')").fetchone()[0]
+    wait_for(lambda: r.llen(list_key("by_name")) == 1, what="the job pushed via localhost")
+    assert json.loads(r.lindex(list_key("by_name"), 0))["id"] == job
+
+
 def test_health_with_redis_stopped_answers_unhealthy(db, r):
     # A password-protected Redis: first healthy through the URL with its password, then stopped.
     password = "s3cret-pw-4711"

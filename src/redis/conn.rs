@@ -14,8 +14,9 @@
 
 use redis::{ConnectionAddr, ConnectionLike, IntoConnectionInfo, Parser, RedisResult, Value};
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// A Redis connection whose every wait ends at its current deadline.
@@ -45,10 +46,7 @@ impl Conn {
             ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
             _ => return Err(format!("unsupported Redis URL {}", redact(url))),
         };
-        let addrs: Vec<_> = (host.as_str(), port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve Redis host {host}: {e}"))?
-            .collect();
+        let addrs = resolve(&host, port, deadline)?;
         let mut last_error = format!("no address for Redis host {host}");
         let mut stream = None;
         for addr in addrs {
@@ -192,6 +190,60 @@ impl ConnectionLike for Conn {
 
     fn is_open(&self) -> bool {
         !self.broken
+    }
+}
+
+/// The addresses of `host`. A host name is resolved on a helper thread, so that a DNS server
+/// that never answers cannot hold the call past its deadline (the system resolver has no timeout
+/// of its own; the thread ends when the resolver gives up). IP addresses need no lookup. The
+/// thread blocks every signal, so Postgres's handlers keep running on the backend's own thread.
+fn resolve(host: &str, port: u16, deadline: Instant) -> Result<Vec<SocketAddr>, String> {
+    resolve_with(host, port, deadline, system_lookup)
+}
+
+fn system_lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    (host, port).to_socket_addrs().map(|addrs| addrs.collect())
+}
+
+fn resolve_with(
+    host: &str,
+    port: u16,
+    deadline: Instant,
+    lookup: fn(&str, u16) -> io::Result<Vec<SocketAddr>>,
+) -> Result<Vec<SocketAddr>, String> {
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = literal.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let (tx, rx) = mpsc::channel();
+    let name = host.to_owned();
+    let spawned = with_all_signals_blocked(|| {
+        std::thread::Builder::new()
+            .name("queue_pg dns".into())
+            .spawn(move || {
+                // The caller may have stopped waiting: then nobody reads this.
+                let _ = tx.send(lookup(&name, port));
+            })
+    });
+    spawned.map_err(|e| format!("resolving Redis host {host}: {e}"))?;
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(Ok(addrs)) => Ok(addrs),
+        Ok(Err(e)) => Err(format!("cannot resolve Redis host {host}: {e}")),
+        Err(_) => Err(timeout_message()),
+    }
+}
+
+/// Runs `f` (which starts a thread: it inherits the mask) with every signal blocked on this
+/// thread, then restores the mask.
+fn with_all_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
     }
 }
 
@@ -420,5 +472,48 @@ mod tests {
         assert!(matches!(replies[1], Value::ServerError(_)));
         assert!(con.is_open());
         peer.join().unwrap();
+    }
+
+    #[test]
+    fn ip_addresses_need_no_lookup() {
+        let never = |_: &str, _: u16| -> io::Result<Vec<SocketAddr>> { panic!("looked up") };
+        let soon = Instant::now() + Duration::from_secs(1);
+        let v4 = resolve_with("127.0.0.1", 6379, soon, never).unwrap();
+        assert_eq!(v4, vec!["127.0.0.1:6379".parse().unwrap()]);
+        let v6 = resolve_with("[::1]", 6379, soon, never).unwrap();
+        assert_eq!(v6, vec!["[::1]:6379".parse().unwrap()]);
+    }
+
+    #[test]
+    fn a_lookup_that_hangs_ends_at_the_deadline() {
+        let hangs = |_: &str, _: u16| -> io::Result<Vec<SocketAddr>> {
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(Vec::new())
+        };
+        let start = Instant::now();
+        let err = resolve_with(
+            "redis.example",
+            6379,
+            start + Duration::from_millis(100),
+            hangs,
+        )
+        .unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(err, timeout_message());
+    }
+
+    #[test]
+    fn host_names_resolve_through_the_system() {
+        let addrs = resolve("localhost", 6379, Instant::now() + Duration::from_secs(5)).unwrap();
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 6379),
+            "{addrs:?}"
+        );
     }
 }
