@@ -149,6 +149,21 @@ def r(stack_up):
     client.close()
 
 
+def truncate_all(db):
+    """Empties queue_pg's tables. The bridge's transactions lock these tables in other orders than
+    TRUNCATE does, so the two can deadlock; a short lock_timeout makes TRUNCATE give way (before
+    either side's deadlock check, which would abort the bridge's transaction) and try again."""
+    for _ in range(100):
+        try:
+            with db.transaction():
+                db.execute("SET LOCAL lock_timeout = '100ms'")
+                db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox, queue.stats RESTART IDENTITY")
+            return
+        except psycopg.errors.LockNotAvailable:
+            time.sleep(0.05)
+    raise AssertionError("could not TRUNCATE queue_pg's tables")
+
+
 @pytest.fixture(autouse=True)
 def clean_state(request, stack_up):
     """Every test starts from empty tables, an empty Redis, default settings, a running bridge."""
@@ -163,7 +178,7 @@ def clean_state(request, stack_up):
     db = reconnect_after_restart()
     db.execute("ALTER SYSTEM RESET ALL")
     db.execute("SELECT pg_reload_conf()")
-    db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox, queue.stats RESTART IDENTITY")
+    truncate_all(db)
     r.flushall()
     # The bridge would take the flush for Redis losing its data (its epoch key is gone) and, on
     # its next tick, dispatch again whatever a test has in Redis by then. The tables are empty,

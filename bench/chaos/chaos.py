@@ -121,7 +121,19 @@ class Soak:
         for name, value in [("start_timeout", "3s"), ("poll_interval", "200ms")]:
             db.execute(f"ALTER SYSTEM SET queue.{name} = '{value}'")
         db.execute("SELECT pg_reload_conf()")
-        db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox, queue.stats RESTART IDENTITY")
+        # TRUNCATE gives way to the bridge's transactions (which lock these tables in other
+        # orders) instead of deadlocking with them, and tries again.
+        for _ in range(100):
+            try:
+                with db.transaction():
+                    db.execute("SET LOCAL lock_timeout = '100ms'")
+                    db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox, queue.stats "
+                               "RESTART IDENTITY")
+                break
+            except psycopg.errors.LockNotAvailable:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("could not TRUNCATE queue_pg's tables")
         db.execute("DROP TABLE IF EXISTS public.chaos_chunks")
         db.execute("CREATE TABLE public.chaos_chunks (k int PRIMARY KEY)")
         db.execute("""INSERT INTO queue.queues (queue_name, backoff_base, backoff_max, lease)
