@@ -1,6 +1,7 @@
-//! Dispatch: read a batch of queued jobs, push it to Redis in one pipelined MULTI/EXEC, and mark
-//! the jobs `migrated` only after Redis acknowledged. The mark of one batch and the read of the
-//! next share a transaction; the bridge never waits for Redis inside a transaction.
+//! Dispatch's statements and Redis commands: read a batch of queued jobs, push it to Redis in one
+//! pipelined MULTI/EXEC, and mark the jobs `migrated` only after Redis acknowledged (the loop
+//! around them is `dispatch`). The mark of one batch and the read of the next share a
+//! transaction; the bridge never waits for Redis inside a transaction.
 //!
 //! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
 //! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
@@ -45,7 +46,7 @@ static READ_BATCH: Sql = Sql::new(
     LIMIT $1"#,
 );
 
-/// Ids per step of the sweep for queued jobs that nothing announced (see `worker`).
+/// Ids per step of the sweep for queued jobs that nothing announced (see `dispatch`).
 pub const SWEEP_IDS: i64 = 5000;
 
 // From the first queued id above $1 (gaps in the ids are skipped), $2 ids: the lowest queued id

@@ -3,8 +3,9 @@
 //! SQL functions that make work for the bridge (enqueue, fail, replay, …) call
 //! [`wake_on_commit`], and those that make jobs `queued` call [`wake_on_commit_queued`] with the
 //! lowest such id. The transaction callback then, on COMMIT, publishes that id in shared memory
-//! (the bridge reads queued jobs from there up, not from the start: see `worker`) and sets the
-//! bridge's latch; on ABORT it does nothing, so a rolled-back enqueue never even wakes the bridge.
+//! (the bridge reads queued jobs from there up, not from the start: see `context::ReadFrom`) and
+//! sets the bridge's latch; on ABORT it does nothing, so a rolled-back enqueue never even wakes
+//! the bridge.
 //! The callback only touches atomics and calls SetLatch: it cannot raise an ERROR, allocate, or
 //! panic.
 
