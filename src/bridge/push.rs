@@ -197,7 +197,7 @@ pub fn send(con: &mut Conn, keys: &Keys, jobs: &[Job]) -> Result<InFlight, Strin
             retry_delay_ms: None,
             failed_at: None,
         };
-        pipe.cmd("HSET").arg(keys.job(job.id)).arg(hash.fields());
+        pipe.cmd("HSET").arg(keys.job(job.id)).arg(&hash);
     }
     con.send_packed_command(&pipe.get_packed_pipeline())
         .map_err(|e| e.to_string())?;

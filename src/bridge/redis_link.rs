@@ -1,6 +1,7 @@
 //! The bridge's Redis connection: connects lazily, retries with a capped exponential backoff
 //! while Redis is unreachable, and logs once per change of state (never once per attempt).
 
+use super::shared;
 use crate::redis::{redact, Conn};
 use crate::settings;
 use pgrx::prelude::*;
@@ -57,7 +58,9 @@ impl RedisLink {
                 return false;
             }
             let deadline = Instant::now() + settings::redis_timeout();
-            match Conn::open(&self.url, deadline, stopping) {
+            // A wait on Redis ends early when the bridge is asked to stop (SIGTERM), so that a
+            // fast shutdown stays fast with a frozen Redis.
+            match Conn::open(&self.url, deadline, shared::shutdown_requested) {
                 Ok(con) => {
                     if self.reachable != Some(true) {
                         let again = if self.reachable.is_some() {
@@ -71,7 +74,7 @@ impl RedisLink {
                         );
                     }
                     self.reachable = Some(true);
-                    super::shared::set_redis_connected(true);
+                    shared::set_redis_connected(true);
                     self.retry_at = None;
                     self.backoff = FIRST_RETRY;
                     self.con = Some(con);
@@ -128,8 +131,8 @@ impl RedisLink {
                 redact(&self.url)
             );
         }
-        super::shared::record_error(&error);
-        super::shared::set_redis_connected(false);
+        shared::record_error(&error);
+        shared::set_redis_connected(false);
         self.reachable = Some(false);
         self.con = None;
         self.retry_at = Some(Instant::now() + self.backoff);
@@ -142,10 +145,4 @@ impl RedisLink {
             .filter(|_| self.con.is_none())
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
-}
-
-/// A wait on Redis ends early when the bridge is asked to stop (SIGTERM), so that a fast
-/// shutdown stays fast with a frozen Redis.
-fn stopping() -> bool {
-    super::shared::shutdown_requested()
 }

@@ -241,7 +241,7 @@ fn apply(con: &mut Conn, keys: &Keys, changes: &[Change]) -> Result<(), String> 
             retry_delay_ms: job.retry_delay_ms,
             failed_at: job.failed_at.as_deref(),
         };
-        pipe.cmd("HSET").arg(&key).arg(hash.fields()).ignore();
+        pipe.cmd("HSET").arg(&key).arg(&hash).ignore();
         if hash.expires() {
             pipe.cmd("EXPIRE").arg(&key).arg(hash_ttl).ignore();
         } else {

@@ -4,6 +4,7 @@
 //! text, exactly as Postgres printed it: never parsed into a tree, never re-encoded.
 
 use crate::lifecycle::{JobState, Priority};
+use redis::{RedisWrite, ToRedisArgs};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -61,30 +62,41 @@ pub struct JobHash<'a> {
     pub failed_at: Option<&'a str>,
 }
 
-impl JobHash<'_> {
-    /// Field-value pairs for HSET, in a fixed order.
-    pub fn fields(&self) -> Vec<(&'static str, String)> {
-        let mut f = vec![
-            ("status", self.status.as_str().to_owned()),
-            ("queue", self.queue.to_owned()),
-            ("attempt_count", self.attempt_count.to_string()),
-        ];
+/// The field-value pairs of HSET, in a fixed order, written straight into the command: the bridge
+/// writes one hash per job it pushes, so no field is copied into a string of its own first.
+impl ToRedisArgs for JobHash<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + RedisWrite,
+    {
+        out.write_arg(b"status");
+        out.write_arg(self.status.as_str().as_bytes());
+        out.write_arg(b"queue");
+        out.write_arg(self.queue.as_bytes());
+        out.write_arg(b"attempt_count");
+        self.attempt_count.write_redis_args(out);
         if let Some(at) = self.queued_at {
-            f.push(("queued_at", at.to_owned()));
+            out.write_arg(b"queued_at");
+            out.write_arg(at.as_bytes());
         }
-        f.push(("updated_at", self.updated_at.to_owned()));
+        out.write_arg(b"updated_at");
+        out.write_arg(self.updated_at.as_bytes());
         if let Some(error) = self.error {
-            f.push(("error", error.to_owned()));
+            out.write_arg(b"error");
+            out.write_arg(error.as_bytes());
         }
         if let Some(delay) = self.retry_delay_ms {
-            f.push(("retry_delay", delay.to_string()));
+            out.write_arg(b"retry_delay");
+            delay.write_redis_args(out);
         }
         if let Some(at) = self.failed_at {
-            f.push(("failed_at", at.to_owned()));
+            out.write_arg(b"failed_at");
+            out.write_arg(at.as_bytes());
         }
-        f
     }
+}
 
+impl JobHash<'_> {
     /// A finished job's hash expires after `queue.job_hash_ttl`; an unfinished one's never does.
     pub fn expires(&self) -> bool {
         self.status.is_finished()
@@ -196,7 +208,20 @@ mod tests {
             retry_delay_ms: Some(4000),
             failed_at: None,
         };
-        let fields: HashMap<_, _> = hash.fields().into_iter().collect();
+        let args: Vec<String> = hash
+            .to_redis_args()
+            .into_iter()
+            .map(|a| String::from_utf8(a).unwrap())
+            .collect();
+        let fields: HashMap<_, _> = args
+            .chunks(2)
+            .map(|f| (f[0].clone(), f[1].clone()))
+            .collect();
+        assert_eq!(
+            args.len(),
+            2 * fields.len(),
+            "field-value pairs, each field once"
+        );
         let back = JobHash {
             status: JobState::parse(&fields["status"]).unwrap(),
             queue: &fields["queue"],
