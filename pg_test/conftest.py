@@ -71,6 +71,26 @@ def bridge_pid(db):
     return row[0] if row else None
 
 
+def applier_pid(db):
+    """The pid of the report applier (the background worker that applies workers' reports)."""
+    got = db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'queue_pg reports'").fetchone()
+    return got[0] if got else None
+
+
+def report(r, queue, job_id, attempt, op, **fields):
+    """A worker's report on the fast path: XADD to the queue's report stream."""
+    entry = {"id": job_id, "attempt": attempt, "op": op}
+    entry.update({k: v for k, v in fields.items() if v is not None})
+    return r.xadd(f"{PREFIX}:{{{queue}}}:reports", entry)
+
+
+def rejected(db, queue=None):
+    """{reason: count} of the reports the applier dropped (in one queue, or all)."""
+    rows = db.execute("SELECT reason, sum(count)::int FROM queue.rejected_reports "
+                      "WHERE %s::text IS NULL OR queue_name = %s GROUP BY reason", (queue, queue)).fetchall()
+    return dict(rows)
+
+
 def reconnect_after_restart(timeout=30.0):
     """A connection once the cluster accepts them again (after a crash restart)."""
 
@@ -157,7 +177,7 @@ def truncate_all(db):
         try:
             with db.transaction():
                 db.execute("SET LOCAL lock_timeout = '100ms'")
-                db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox, queue.stats RESTART IDENTITY")
+                db.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox, queue.stats, queue.rejected_reports RESTART IDENTITY")
             return
         except psycopg.errors.LockNotAvailable:
             time.sleep(0.05)
@@ -185,6 +205,7 @@ def clean_state(request, stack_up):
     # so there is nothing to dispatch again: put the key back at once.
     r.set(f"{PREFIX}:bridge:epoch", "test")
     wait_for(lambda: bridge_pid(db), timeout=30, what="the bridge to run")
+    wait_for(lambda: applier_pid(db), timeout=30, what="the report applier to run")
     db.close()
     r.close()
     yield

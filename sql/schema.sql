@@ -89,6 +89,18 @@ CREATE TABLE queue.stats (
     PRIMARY KEY (queue_name, minute)
 );
 
+-- Worker reports (docs/reference.md, "Worker fast path") that the report applier dropped because
+-- they did not fit, per queue and reason, with the last job id among them. Only the applier
+-- writes here, in the transaction that applied the rest of their batch.
+CREATE TABLE queue.rejected_reports (
+    queue_name  text NOT NULL,
+    reason      text NOT NULL,
+    count       bigint NOT NULL,
+    last_at     timestamptz NOT NULL,
+    last_job_id bigint,
+    PRIMARY KEY (queue_name, reason)
+);
+
 -- Dead jobs: their durable record is the row in queue.jobs.
 CREATE VIEW queue.dead_letters AS
     SELECT id, queue_name, payload, priority AS original_priority, attempt_count, max_attempts,
@@ -100,3 +112,4 @@ SELECT pg_catalog.pg_extension_config_dump('queue.queues', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.jobs', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.jobs_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.stats', '');
+SELECT pg_catalog.pg_extension_config_dump('queue.rejected_reports', '');

@@ -25,6 +25,7 @@ pub mod bridge;
 pub mod lifecycle;
 pub mod monitor;
 pub mod redis;
+pub mod reports;
 pub mod settings;
 pub mod spi_plans;
 
@@ -41,5 +42,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         bridge::shared::init();
         bridge::register();
+        reports::shared::init();
+        reports::register();
     }
 }

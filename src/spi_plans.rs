@@ -14,10 +14,13 @@ pub mod types {
     pub const TEXT_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::TEXTARRAYOID);
     pub const JSONB: PgOid = PgOid::BuiltIn(BuiltinOid::JSONBOID);
     pub const INT4: PgOid = PgOid::BuiltIn(BuiltinOid::INT4OID);
+    pub const INT4_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT4ARRAYOID);
+    pub const BOOL: PgOid = PgOid::BuiltIn(BuiltinOid::BOOLOID);
     pub const INT8: PgOid = PgOid::BuiltIn(BuiltinOid::INT8OID);
     pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INT8ARRAYOID);
     pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(BuiltinOid::TIMESTAMPTZOID);
     pub const INTERVAL: PgOid = PgOid::BuiltIn(BuiltinOid::INTERVALOID);
+    pub const INTERVAL_ARRAY: PgOid = PgOid::BuiltIn(BuiltinOid::INTERVALARRAYOID);
 }
 
 thread_local! {

@@ -4,40 +4,10 @@
 use super::errors::{invalid_argument, null_argument, spi_failed, unknown_job};
 use super::jobs::{explain_not_running, id_was_issued};
 use crate::bridge::wake::wake_on_commit;
-use crate::lifecycle::Sql;
-use crate::settings;
-use crate::spi_plans::{self, first_value, required, types::*};
+use crate::lifecycle::transitions;
+use crate::spi_plans::{first_value, required};
 use pgrx::datum::{Interval, JsonB, TimestampWithTimeZone};
 use pgrx::prelude::*;
-
-// The lease: the call's, else the queue's, else queue.lease. A job Postgres still shows
-// `queued` (pushed, not yet marked) can be started too.
-static START: Sql = Sql::new(
-    "
-    WITH claimed AS (
-        UPDATE queue.jobs j
-        SET status = {running}, started_at = now(), updated_at = now(),
-            lease_expires_at = now() + COALESCE($2,
-                (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
-                $3 * interval '1 millisecond')
-        WHERE j.id = $1 AND j.status IN ({queued}, {migrated})
-        RETURNING j.id, j.queue_name, j.payload, j.attempt_count + 1 AS attempt, j.max_attempts,
-                  j.lease_expires_at),
-    noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
-              SELECT id, 'state', {running}, queue_name FROM claimed)
-    SELECT * FROM claimed",
-);
-
-static HEARTBEAT: Sql = Sql::new(
-    "
-    UPDATE queue.jobs j
-    SET lease_expires_at = now() + COALESCE($2,
-            (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
-            $3 * interval '1 millisecond'),
-        updated_at = now()
-    WHERE j.id = $1 AND j.status = {running} AND ($4::int IS NULL OR j.attempt_count + 1 = $4)
-    RETURNING j.lease_expires_at",
-);
 
 fn check_lease(lease: Option<Interval>) {
     if let Some(l) = lease {
@@ -66,10 +36,8 @@ fn start(
 > {
     let id = job_id.unwrap_or_else(|| null_argument("job_id"));
     check_lease(lease);
-    let args = [id.into(), lease.into(), settings::lease_ms().into()];
     let row = Spi::connect_mut(|client| {
-        let rows = spi_plans::update(client, &START, &[INT8, INTERVAL, INT8], Some(1), &args)
-            .map_err(|e| e.to_string())?;
+        let rows = transitions::start(client, vec![id], vec![lease])?;
         let row = match rows.first().get_heap_tuple().map_err(|e| e.to_string())? {
             Some(r) => Some((
                 required(r.get::<i64>(1), "id")?,
@@ -100,22 +68,10 @@ fn heartbeat(
 ) -> TimestampWithTimeZone {
     let id = job_id.unwrap_or_else(|| null_argument("job_id"));
     check_lease(lease);
-    let args = [
-        id.into(),
-        lease.into(),
-        settings::lease_ms().into(),
-        attempt.into(),
-    ];
     Spi::connect_mut(|client| {
-        let until = spi_plans::update(
-            client,
-            &HEARTBEAT,
-            &[INT8, INTERVAL, INT8, INT4],
-            Some(1),
-            &args,
-        )
-        .and_then(|t| first_value::<TimestampWithTimeZone>(t, 1))
-        .unwrap_or_else(|e| spi_failed("heartbeat", e));
+        let until = transitions::heartbeat(client, vec![id], vec![lease], vec![attempt])
+            .and_then(|t| first_value::<TimestampWithTimeZone>(t, 2).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| spi_failed("heartbeat", e));
         until.unwrap_or_else(|| explain_not_running(client, id, attempt, "heartbeat"))
     })
 }

@@ -113,6 +113,7 @@ impl Dispatch {
         // commits publish from here on. Otherwise the next drain starts where this one did.
         cx.read_from
             .drained(redis_ok && !shutdown_requested(), from);
+        shared::publish_new_queues();
         vec![Count::new(
             dispatched,
             Level::Debug,

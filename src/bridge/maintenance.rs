@@ -8,7 +8,8 @@ use super::context::{extension_present, in_transaction, Context};
 use super::outcomes;
 use super::report::{Count, Level};
 use super::timer::Every;
-use crate::lifecycle::failure::fail_attempt;
+use crate::lifecycle::transitions::{self, Failure};
+use crate::lifecycle::JobState;
 use crate::lifecycle::Sql;
 use crate::settings;
 use crate::spi_plans::required;
@@ -88,11 +89,19 @@ fn expire_leases(client: &mut SpiClient<'_>) -> usize {
         .map_err(|e| e.to_string())
         .and_then(|rows| rows.map(|r| required(r.get::<i64>(1), "id")).collect())
         .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: finding expired leases failed: {e}"));
-    for &id in &ids {
-        // Locked above and running: fail_attempt cannot find it otherwise.
-        fail_attempt(client, id, "lease expired", None)
-            .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: failing an expired lease: {e}"));
-    }
+    // Locked above and running.
+    let failures: Vec<Failure> = transitions::lock(client, &ids)
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: failing expired leases: {e}"))
+        .iter()
+        .filter(|job| job.status == JobState::Running)
+        .map(|job| Failure {
+            id: job.id,
+            outcome: transitions::failure_outcome(job),
+            error: "lease expired",
+        })
+        .collect();
+    transitions::fail(client, &failures)
+        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: failing expired leases: {e}"));
     ids.len()
 }
 

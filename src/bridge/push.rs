@@ -6,6 +6,7 @@
 //! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
 //! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
 
+use super::shared;
 use crate::lifecycle::Sql;
 use crate::lifecycle::{JobState, Priority};
 use crate::redis::wire::{self, JobHash, ListEntry};
@@ -178,6 +179,7 @@ pub fn send(con: &mut Conn, keys: &Keys, jobs: &[Job]) -> Result<InFlight, Strin
         }
     }
     for ((queue, priority), members) in &lists {
+        shared::note_queue_pushed(queue);
         let lpush = pipe.cmd("LPUSH").arg(keys.list(queue, *priority));
         for job in members {
             lpush.arg(message(job));

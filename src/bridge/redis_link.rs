@@ -11,6 +11,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
 pub struct RedisLink {
+    /// Who logs: "queue_pg bridge" or "queue_pg reports".
+    label: &'static str,
+    /// Whether this link's state is the one `health()` shows (the bridge's).
+    publish: bool,
     url: String,
     con: Option<Conn>,
     /// While Redis is down: when to try again, and the delay after that.
@@ -24,7 +28,14 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn from_settings() -> Self {
+        Self::for_worker("queue_pg bridge", true)
+    }
+
+    /// A link for another background worker of the extension, logging as `label`.
+    pub fn for_worker(label: &'static str, publish: bool) -> Self {
         RedisLink {
+            label,
+            publish,
             url: settings::redis_url(),
             con: None,
             retry_at: None,
@@ -39,7 +50,8 @@ impl RedisLink {
         let url = settings::redis_url();
         if url != self.url {
             log!(
-                "queue_pg bridge: queue.redis_url changed to {}",
+                "{}: queue.redis_url changed to {}",
+                self.label,
                 redact(&url)
             );
             self.url = url;
@@ -60,7 +72,9 @@ impl RedisLink {
             let deadline = Instant::now() + settings::redis_timeout();
             // A wait on Redis ends early when the bridge is asked to stop (SIGTERM), so that a
             // fast shutdown stays fast with a frozen Redis.
-            match Conn::open(&self.url, deadline, shared::shutdown_requested) {
+            let opened = Conn::open(&self.url, deadline, shared::shutdown_requested)
+                .and_then(|mut con| name_connection(&mut con, self.label).map(|_| con));
+            match opened {
                 Ok(con) => {
                     if self.reachable != Some(true) {
                         let again = if self.reachable.is_some() {
@@ -69,12 +83,15 @@ impl RedisLink {
                             ""
                         };
                         log!(
-                            "queue_pg bridge: Redis at {} reachable{again}",
+                            "{}: Redis at {} reachable{again}",
+                            self.label,
                             redact(&self.url)
                         );
                     }
                     self.reachable = Some(true);
-                    shared::set_redis_connected(true);
+                    if self.publish {
+                        shared::set_redis_connected(true);
+                    }
                     self.retry_at = None;
                     self.backoff = FIRST_RETRY;
                     self.con = Some(con);
@@ -98,7 +115,17 @@ impl RedisLink {
     /// `queue.redis_timeout` in all. On an error, drops the connection (it may be mid-reply)
     /// and backs off. None if no connection is open or `f` failed.
     pub fn run<R>(&mut self, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> Option<R> {
-        let deadline = Instant::now() + settings::redis_timeout();
+        self.run_for(Duration::ZERO, f)
+    }
+
+    /// Like [`RedisLink::run`], for a step that also blocks on Redis for up to `block` (a
+    /// blocking read): its deadline is `block` later.
+    pub fn run_for<R>(
+        &mut self,
+        block: Duration,
+        f: impl FnOnce(&mut Conn) -> Result<R, String>,
+    ) -> Option<R> {
+        let deadline = Instant::now() + block + settings::redis_timeout();
         let con = self.con.as_mut()?;
         con.set_deadline(deadline);
         match f(con) {
@@ -125,16 +152,27 @@ impl RedisLink {
     /// A command failed: drop the connection and back off. Jobs stay in Postgres meanwhile.
     pub fn failed(&mut self, error: String) {
         let error = crate::redis::conn::scrub(&error, &self.url);
+        self.con = None;
+        if shared::shutdown_requested() {
+            return; // the wait was cut short to stop, Redis is not at fault
+        }
         if self.reachable != Some(false) {
+            let meanwhile = if self.publish {
+                "jobs stay in Postgres and are pushed when it is back"
+            } else {
+                "reports wait in Redis and are applied when it is back"
+            };
             warning!(
-                "queue_pg bridge: Redis at {} unreachable: {error}; jobs stay in Postgres and are pushed when it is back",
+                "{}: Redis at {} unreachable: {error}; {meanwhile}",
+                self.label,
                 redact(&self.url)
             );
         }
-        shared::record_error(&error);
-        shared::set_redis_connected(false);
+        if self.publish {
+            shared::record_error(&error);
+            shared::set_redis_connected(false);
+        }
         self.reachable = Some(false);
-        self.con = None;
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_RETRY);
     }
@@ -145,4 +183,14 @@ impl RedisLink {
             .filter(|_| self.con.is_none())
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
+}
+
+/// Names the connection after its worker ("queue_pg-bridge"), so that `CLIENT LIST` shows whose it
+/// is.
+fn name_connection(con: &mut Conn, label: &str) -> Result<(), String> {
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(label.replace(' ', "-"))
+        .query::<()>(con)
+        .map_err(|e| e.to_string())
 }

@@ -26,6 +26,9 @@ pub struct BridgeShared {
     /// A commit that only changed job states has set the latch since the bridge's last cycle
     /// began: later ones need not wake it again.
     states_wake_sent: AtomicBool,
+    /// Bumped when the bridge pushes to a queue for the first time since it started: the report
+    /// applier then reads that queue's report stream too.
+    queues_generation: AtomicU64,
 }
 
 unsafe impl PGRXSharedMemory for BridgeShared {}
@@ -148,6 +151,37 @@ pub fn unix_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+thread_local! {
+    /// The queues this bridge process has pushed to, and whether one was new since the last
+    /// [`publish_new_queues`].
+    static PUSHED_TO: std::cell::RefCell<(std::collections::HashSet<String>, bool)> = Default::default();
+}
+
+/// Called by the bridge for each queue it pushes to.
+pub fn note_queue_pushed(queue: &str) {
+    PUSHED_TO.with(|seen| {
+        let (seen, new) = &mut *seen.borrow_mut();
+        if !seen.contains(queue) {
+            seen.insert(queue.to_owned());
+            *new = true;
+        }
+    });
+}
+
+/// Called by the bridge once the jobs it pushed are marked (committed): if any went to a queue
+/// new to it, the report applier looks for new queues again.
+pub fn publish_new_queues() {
+    let new = PUSHED_TO.with(|seen| std::mem::take(&mut seen.borrow_mut().1));
+    if let (true, Some(s)) = (new, shared()) {
+        s.queues_generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Changes whenever the bridge pushed to a queue it had not pushed to before.
+pub fn queues_generation() -> u64 {
+    shared().map_or(0, |s| s.queues_generation.load(Ordering::Acquire))
 }
 
 /// Called by the bridge at the end of each cycle.

@@ -3,7 +3,7 @@
 //! expired leases.
 
 /// What a failed attempt leads to.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Outcome {
     /// Another attempt after `delay_ms`.
     Retry { attempts: i32, delay_ms: i64 },

@@ -12,8 +12,8 @@
 //! ```
 
 pub mod backoff;
-pub mod failure;
 mod sql;
+pub mod transitions;
 
 pub use sql::Sql;
 

@@ -26,6 +26,12 @@ impl Keys {
         format!("{}:{{{}}}:{}:pushed", self.prefix, queue, priority)
     }
 
+    /// `queue_pg:{emails}:reports`: the stream workers report to (start, heartbeat, complete,
+    /// fail); the report applier moves what they say into Postgres.
+    pub fn reports(&self, queue: &str) -> String {
+        format!("{}:{{{}}}:reports", self.prefix, queue)
+    }
+
     /// `queue_pg:job:42`: the job's status hash.
     pub fn job(&self, id: i64) -> String {
         format!("{}{}", self.job_prefix(), id)

@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod keys;
+pub mod report;
 pub mod upkeep;
 pub mod wire;
 

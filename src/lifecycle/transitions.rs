@@ -1,0 +1,502 @@
+//! The lifecycle's transitions as set-based statements, each in the caller's transaction: start,
+//! heartbeat, complete and fail take a batch of jobs (the SQL functions pass one, the report
+//! applier a whole batch, lease expiry every expired lease), change them, and note each change
+//! for Redis (`queue.redis_outbox`, applied by the bridge after commit). Which state a report may
+//! move a job from is [`Locked::accepts`]; the statements check the same states again.
+
+use super::backoff::{self, Outcome};
+use super::{JobState, Sql};
+use crate::settings;
+use crate::spi_plans::{self, optional, required, types::*};
+use pgrx::datum::{Interval, JsonB};
+use pgrx::spi::{SpiClient, SpiTupleTable};
+
+/// A job locked for a transition, with what the rules need to know about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Locked {
+    pub id: i64,
+    pub queue: String,
+    pub status: JobState,
+    pub attempt_count: i32,
+    pub max_attempts: i32,
+    /// The queue's backoff settings (None: the `queue.backoff_*` settings).
+    pub backoff_base_ms: Option<i64>,
+    pub backoff_max_ms: Option<i64>,
+}
+
+/// What a worker reports about an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Start,
+    Heartbeat,
+    Complete,
+    Fail,
+}
+
+/// What an accepted report does to its job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// queued/migrated → running, with a lease.
+    Start,
+    /// running: the lease is extended.
+    Extend,
+    /// → completed (from running, or from queued/migrated: an implicit start).
+    Complete,
+    /// → retry_scheduled or failed by the backoff rule (from running, queued or migrated).
+    Fail,
+}
+
+/// Why a report was dropped. The names are the labels of the rejection counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reject {
+    /// A required field missing, or a field that does not parse.
+    Malformed,
+    UnknownOp,
+    /// Error or result text over `queue.max_payload_bytes`.
+    Oversized,
+    UnknownJob,
+    /// The job belongs to another queue than the stream.
+    OtherQueue,
+    /// Completed or dead.
+    Finished,
+    Cancelled,
+    /// Not the job's current attempt (an old delivery's late report).
+    StaleAttempt,
+    /// The current attempt, but a state the op does not apply to (a second `start`, a job
+    /// waiting for its `run_at`).
+    WrongState,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 9] = [
+        Reject::Malformed,
+        Reject::UnknownOp,
+        Reject::Oversized,
+        Reject::UnknownJob,
+        Reject::OtherQueue,
+        Reject::Finished,
+        Reject::Cancelled,
+        Reject::StaleAttempt,
+        Reject::WrongState,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::UnknownOp => "unknown_op",
+            Reject::Oversized => "oversized",
+            Reject::UnknownJob => "unknown_job",
+            Reject::OtherQueue => "other_queue",
+            Reject::Finished => "finished",
+            Reject::Cancelled => "cancelled",
+            Reject::StaleAttempt => "stale_attempt",
+            Reject::WrongState => "wrong_state",
+        }
+    }
+}
+
+impl Locked {
+    /// The attempt a delivery of the job now carries (the list entry's `attempt`).
+    pub fn attempt(&self) -> i32 {
+        self.attempt_count + 1
+    }
+
+    /// The rule for a report of `op` on attempt `attempt` from `queue`'s stream: what it does to
+    /// the job, or why it is dropped. A job Postgres still shows `queued` was pushed and not yet
+    /// marked, so it counts as `migrated`; `complete`, `fail` and `heartbeat` on a job nobody
+    /// started are an implicit start.
+    pub fn accepts(&self, queue: &str, op: Op, attempt: i32) -> Result<Step, Reject> {
+        use JobState::*;
+        if self.queue != queue {
+            return Err(Reject::OtherQueue);
+        }
+        match self.status {
+            Completed | Failed => return Err(Reject::Finished),
+            Cancelled => return Err(Reject::Cancelled),
+            _ => {}
+        }
+        if attempt != self.attempt() {
+            return Err(Reject::StaleAttempt);
+        }
+        let waiting = matches!(self.status, Queued | Migrated);
+        match (op, self.status) {
+            (Op::Start, _) if waiting => Ok(Step::Start),
+            (Op::Heartbeat, _) if waiting => Ok(Step::Start),
+            (Op::Heartbeat, Running) => Ok(Step::Extend),
+            (Op::Complete, _) if waiting || self.status == Running => Ok(Step::Complete),
+            (Op::Fail, _) if waiting || self.status == Running => Ok(Step::Fail),
+            _ => Err(Reject::WrongState),
+        }
+    }
+
+    /// The job after `step` (a failure's `outcome` given), as later reports of the same batch
+    /// are judged.
+    pub fn after(&mut self, step: Step, outcome: Option<&Outcome>) {
+        self.status = match (step, outcome) {
+            (Step::Start | Step::Extend, _) => JobState::Running,
+            (Step::Complete, _) => JobState::Completed,
+            (Step::Fail, Some(Outcome::Retry { attempts, .. })) => {
+                self.attempt_count = *attempts;
+                JobState::RetryScheduled
+            }
+            (Step::Fail, Some(Outcome::Dead { attempts })) => {
+                self.attempt_count = *attempts;
+                JobState::Failed
+            }
+            (Step::Fail, None) => JobState::Failed,
+        };
+    }
+}
+
+static LOCK: Sql = Sql::new(
+    "
+    SELECT j.id, j.queue_name, j.status, j.attempt_count, j.max_attempts,
+           (EXTRACT(EPOCH FROM q.backoff_base) * 1000)::bigint,
+           (EXTRACT(EPOCH FROM q.backoff_max) * 1000)::bigint
+    FROM queue.jobs j LEFT JOIN queue.queues q ON q.queue_name = j.queue_name
+    WHERE j.id = ANY($1)
+    ORDER BY j.id
+    FOR UPDATE OF j",
+);
+
+/// Locks the jobs among `ids` that exist (in id order, so that two batches never deadlock) and
+/// returns them.
+pub fn lock(client: &mut SpiClient<'_>, ids: &[i64]) -> Result<Vec<Locked>, String> {
+    let rows = spi_plans::update(client, &LOCK, &[INT8_ARRAY], None, &[ids.to_vec().into()])
+        .map_err(|e| format!("locking jobs failed: {e}"))?;
+    rows.map(|row| {
+        Ok(Locked {
+            id: required(row.get(1), "id")?,
+            queue: required(row.get(2), "queue_name")?,
+            status: JobState::parse(&required::<String>(row.get(3), "status")?)?,
+            attempt_count: required(row.get(4), "attempt_count")?,
+            max_attempts: required(row.get(5), "max_attempts")?,
+            backoff_base_ms: optional(row.get(6), "backoff_base")?,
+            backoff_max_ms: optional(row.get(7), "backoff_max")?,
+        })
+    })
+    .collect()
+}
+
+// The lease: the call's, else the queue's, else queue.lease ($3 ms).
+static START: Sql = Sql::new(
+    "
+    WITH input AS (SELECT * FROM unnest($1::bigint[], $2::interval[]) AS t(id, lease)),
+    claimed AS (
+        UPDATE queue.jobs j
+        SET status = {running}, started_at = now(), updated_at = now(),
+            lease_expires_at = now() + COALESCE(i.lease,
+                (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
+                $3 * interval '1 millisecond')
+        FROM input i
+        WHERE j.id = i.id AND j.status IN ({queued}, {migrated})
+        RETURNING j.id, j.queue_name, j.payload, j.attempt_count + 1 AS attempt, j.max_attempts,
+                  j.lease_expires_at),
+    noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+              SELECT id, 'state', {running}, queue_name FROM claimed)
+    SELECT * FROM claimed",
+);
+
+/// queued/migrated → running for each of `ids`, with its lease (None: the queue's or the
+/// setting's). Returns the started jobs: id, queue_name, payload, attempt, max_attempts,
+/// lease_expires_at.
+pub fn start<'conn>(
+    client: &mut SpiClient<'conn>,
+    ids: Vec<i64>,
+    leases: Vec<Option<Interval>>,
+) -> Result<SpiTupleTable<'conn>, String> {
+    let args = [ids.into(), leases.into(), settings::lease_ms().into()];
+    spi_plans::update(
+        client,
+        &START,
+        &[INT8_ARRAY, INTERVAL_ARRAY, INT8],
+        None,
+        &args,
+    )
+    .map_err(|e| e.to_string())
+}
+
+static HEARTBEAT: Sql = Sql::new(
+    "
+    WITH input AS (SELECT * FROM unnest($1::bigint[], $2::interval[], $3::int[])
+                   AS t(id, lease, attempt))
+    UPDATE queue.jobs j
+    SET lease_expires_at = now() + COALESCE(i.lease,
+            (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
+            $4 * interval '1 millisecond'),
+        updated_at = now()
+    FROM input i
+    WHERE j.id = i.id AND j.status = {running}
+      AND (i.attempt IS NULL OR j.attempt_count + 1 = i.attempt)
+    RETURNING j.id, j.lease_expires_at",
+);
+
+/// Extends the lease of each running job among `ids` (at `attempts`, where given). Returns
+/// id and the new lease end of each.
+pub fn heartbeat<'conn>(
+    client: &mut SpiClient<'conn>,
+    ids: Vec<i64>,
+    leases: Vec<Option<Interval>>,
+    attempts: Vec<Option<i32>>,
+) -> Result<SpiTupleTable<'conn>, String> {
+    let args = [
+        ids.into(),
+        leases.into(),
+        attempts.into(),
+        settings::lease_ms().into(),
+    ];
+    let types = [INT8_ARRAY, INTERVAL_ARRAY, INT4_ARRAY, INT8];
+    spi_plans::update(client, &HEARTBEAT, &types, None, &args).map_err(|e| e.to_string())
+}
+
+// $4: also from queued/migrated (an implicit start, for reports).
+static COMPLETE: Sql = Sql::new(
+    "
+    WITH input AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::int[])
+                   AS t(id, result, attempt)),
+    done AS (
+        UPDATE queue.jobs j
+        SET status = {completed}, completed_at = now(), updated_at = now(),
+            started_at = CASE WHEN j.status = {running} THEN j.started_at ELSE now() END,
+            result = i.result::jsonb, lease_expires_at = NULL
+        FROM input i
+        WHERE j.id = i.id
+          AND (j.status = {running} OR ($4 AND j.status IN ({queued}, {migrated})))
+          AND (i.attempt IS NULL OR j.attempt_count + 1 = i.attempt)
+        RETURNING j.id, j.queue_name)
+    INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+    SELECT id, 'state', {completed}, queue_name FROM done
+    RETURNING job_id",
+);
+
+/// One job to complete: its result as JSON text, and the attempt, when known.
+pub struct Done {
+    pub id: i64,
+    pub result: Option<String>,
+    pub attempt: Option<i32>,
+}
+
+/// → completed for each of `done` that is running (or, with `implicit_start`, queued or
+/// migrated) at its attempt. Returns how many changed.
+pub fn complete(
+    client: &mut SpiClient<'_>,
+    done: Vec<Done>,
+    implicit_start: bool,
+) -> Result<usize, String> {
+    let mut ids = Vec::with_capacity(done.len());
+    let mut results = Vec::with_capacity(done.len());
+    let mut attempts = Vec::with_capacity(done.len());
+    for d in done {
+        ids.push(d.id);
+        results.push(d.result);
+        attempts.push(d.attempt);
+    }
+    let args = [
+        ids.into(),
+        results.into(),
+        attempts.into(),
+        implicit_start.into(),
+    ];
+    let types = [INT8_ARRAY, TEXT_ARRAY, INT4_ARRAY, BOOL];
+    spi_plans::update(client, &COMPLETE, &types, None, &args)
+        .map(|t| t.len())
+        .map_err(|e| e.to_string())
+}
+
+// Per job: $2 the attempts used, $3 the retry delay in ms (NULL: dead), $4 the error.
+static RECORD_FAILURES: Sql = Sql::new(
+    "
+    WITH input AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::text[])
+                   AS t(id, attempts, delay_ms, error)),
+    f AS (
+        UPDATE queue.jobs j
+        SET status = CASE WHEN i.delay_ms IS NULL THEN {failed} ELSE {retry_scheduled} END,
+            attempt_count = i.attempts,
+            run_at = CASE WHEN i.delay_ms IS NULL THEN j.run_at
+                          ELSE now() + i.delay_ms * interval '1 millisecond' END,
+            started_at = CASE WHEN j.status = {running} THEN j.started_at ELSE now() END,
+            failed_at = CASE WHEN i.delay_ms IS NULL THEN now() END,
+            last_error_message = i.error,
+            errors = j.errors || jsonb_build_array(
+                jsonb_build_object('attempt', i.attempts, 'error', i.error, 'at', now())),
+            lease_expires_at = NULL,
+            updated_at = now()
+        FROM input i
+        WHERE j.id = i.id AND j.status IN ({running}, {queued}, {migrated})
+        RETURNING j.id, j.status, j.run_at, j.queue_name, i.attempts, i.delay_ms),
+    noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
+              SELECT id, 'state', status, queue_name FROM f)
+    SELECT id, jsonb_build_object(
+        'status', status,
+        'attempt_count', attempts,
+        'retry_delay_ms', delay_ms,
+        'run_at', CASE WHEN status = {retry_scheduled} THEN run_at END)
+    FROM f",
+);
+
+/// What the backoff rule makes of a failed attempt of `job`.
+pub fn failure_outcome(job: &Locked) -> Outcome {
+    backoff::outcome(
+        job.attempt_count,
+        job.max_attempts,
+        job.backoff_base_ms
+            .unwrap_or_else(settings::backoff_base_ms),
+        job.backoff_max_ms.unwrap_or_else(settings::backoff_max_ms),
+        settings::backoff_jitter(),
+        backoff::unit_random(),
+    )
+}
+
+/// One failed attempt: the job (locked, and checked by the caller to be running or, for a
+/// report, waiting), what the backoff rule made of it, and the error.
+pub struct Failure<'a> {
+    pub id: i64,
+    pub outcome: Outcome,
+    pub error: &'a str,
+}
+
+/// Records failed attempts: each job retries after its backoff or, with its attempts used up,
+/// is dead (the dead-letter queue); the error joins its history. Returns each job's outcome as
+/// `queue.fail` reports it, by id.
+pub fn fail(
+    client: &mut SpiClient<'_>,
+    failures: &[Failure<'_>],
+) -> Result<Vec<(i64, JsonB)>, String> {
+    let mut ids = Vec::with_capacity(failures.len());
+    let mut attempts = Vec::with_capacity(failures.len());
+    let mut delays = Vec::with_capacity(failures.len());
+    let mut errors = Vec::with_capacity(failures.len());
+    for f in failures {
+        let (used, delay) = match f.outcome {
+            Outcome::Retry { attempts, delay_ms } => (attempts, Some(delay_ms)),
+            Outcome::Dead { attempts } => (attempts, None),
+        };
+        ids.push(f.id);
+        attempts.push(used);
+        delays.push(delay);
+        errors.push(f.error);
+    }
+    let args = [ids.into(), attempts.into(), delays.into(), errors.into()];
+    let types = [INT8_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY];
+    let rows = spi_plans::update(client, &RECORD_FAILURES, &types, None, &args)
+        .map_err(|e| format!("recording failed attempts failed: {e}"))?;
+    rows.map(|row| {
+        Ok((
+            required(row.get(1), "id")?,
+            required(row.get(2), "outcome")?,
+        ))
+    })
+    .collect()
+}
+
+/// Fails the current attempt of job `id` if it is running (at `attempt`, if given): the one-job
+/// case of [`fail`], for `queue.fail` and lease expiry. `Ok(None)`: the job is not running at
+/// that attempt (the caller says why).
+pub fn fail_one(
+    client: &mut SpiClient<'_>,
+    id: i64,
+    error: &str,
+    attempt: Option<i32>,
+) -> Result<Option<JsonB>, String> {
+    let Some(job) = lock(client, &[id])?.pop() else {
+        return Ok(None);
+    };
+    if job.status != JobState::Running || attempt.is_some_and(|a| a != job.attempt()) {
+        return Ok(None);
+    }
+    let failure = Failure {
+        id,
+        outcome: failure_outcome(&job),
+        error,
+    };
+    Ok(fail(client, &[failure])?.pop().map(|(_, outcome)| outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(status: JobState, attempt_count: i32) -> Locked {
+        Locked {
+            id: 7,
+            queue: "mail".into(),
+            status,
+            attempt_count,
+            max_attempts: 5,
+            backoff_base_ms: None,
+            backoff_max_ms: None,
+        }
+    }
+
+    #[test]
+    fn waiting_jobs_take_every_op_as_a_start() {
+        for status in [JobState::Queued, JobState::Migrated] {
+            let j = job(status, 2);
+            assert_eq!(j.accepts("mail", Op::Start, 3), Ok(Step::Start));
+            assert_eq!(j.accepts("mail", Op::Heartbeat, 3), Ok(Step::Start));
+            assert_eq!(j.accepts("mail", Op::Complete, 3), Ok(Step::Complete));
+            assert_eq!(j.accepts("mail", Op::Fail, 3), Ok(Step::Fail));
+        }
+    }
+
+    #[test]
+    fn running_jobs_take_heartbeats_and_ends_but_not_a_second_start() {
+        let j = job(JobState::Running, 0);
+        assert_eq!(j.accepts("mail", Op::Heartbeat, 1), Ok(Step::Extend));
+        assert_eq!(j.accepts("mail", Op::Complete, 1), Ok(Step::Complete));
+        assert_eq!(j.accepts("mail", Op::Fail, 1), Ok(Step::Fail));
+        assert_eq!(j.accepts("mail", Op::Start, 1), Err(Reject::WrongState));
+    }
+
+    #[test]
+    fn rejections_name_their_reason() {
+        let j = job(JobState::Running, 1);
+        assert_eq!(j.accepts("other", Op::Complete, 2), Err(Reject::OtherQueue));
+        assert_eq!(
+            j.accepts("mail", Op::Complete, 1),
+            Err(Reject::StaleAttempt)
+        );
+        assert_eq!(
+            j.accepts("mail", Op::Complete, 3),
+            Err(Reject::StaleAttempt)
+        );
+        for status in [JobState::Completed, JobState::Failed] {
+            assert_eq!(
+                job(status, 1).accepts("mail", Op::Fail, 2),
+                Err(Reject::Finished)
+            );
+        }
+        let cancelled = job(JobState::Cancelled, 1);
+        assert_eq!(
+            cancelled.accepts("mail", Op::Complete, 2),
+            Err(Reject::Cancelled)
+        );
+        for status in JobState::WAITING {
+            assert_eq!(
+                job(status, 1).accepts("mail", Op::Complete, 2),
+                Err(Reject::WrongState)
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_judges_later_reports_against_the_state_earlier_ones_left() {
+        let mut j = job(JobState::Migrated, 0);
+        j.after(Step::Start, None);
+        assert_eq!(j.accepts("mail", Op::Complete, 1), Ok(Step::Complete));
+        j.after(Step::Complete, None);
+        assert_eq!(j.accepts("mail", Op::Complete, 1), Err(Reject::Finished));
+
+        let mut j = job(JobState::Running, 0);
+        let retry = Outcome::Retry {
+            attempts: 1,
+            delay_ms: 2000,
+        };
+        j.after(Step::Fail, Some(&retry));
+        assert_eq!(
+            j.accepts("mail", Op::Heartbeat, 1),
+            Err(Reject::StaleAttempt)
+        );
+        assert_eq!(j.accepts("mail", Op::Complete, 2), Err(Reject::WrongState));
+    }
+}
