@@ -26,15 +26,17 @@ const quietPool = (config) => {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const fs = require("fs");
 // CPU seconds (user + system) the bridge process has used so far.
-async function bridgeCpu(admin) {
-  const { rows } = await admin.query("SELECT pid FROM pg_stat_activity WHERE backend_type = 'queue_pg bridge'");
+async function bridgeCpu(admin, type = "queue_pg bridge") {
+  const { rows } = await admin.query("SELECT pid FROM pg_stat_activity WHERE backend_type = $1", [type]);
   if (!rows.length) return 0;
   const fields = fs.readFileSync(`/proc/${rows[0].pid}/stat`, "utf8").split(") ")[1].split(" ");
   return (Number(fields[11]) + Number(fields[12])) / 100;
 }
 
-async function waitFor(pred) {
-  while (!(await pred())) await sleep(5);
+const applierCpu = (admin) => bridgeCpu(admin, "queue_pg reports");
+
+async function waitFor(pred, ms = 5) {
+  while (!(await pred())) await sleep(ms);
 }
 
 async function enqueueAll(pool, statement) {
@@ -90,6 +92,42 @@ async function queuePg(admin, workers, batchAck) {
   return { rate: N / seconds, bridgeMs };
 }
 
+// The fast path: batch pop (BLMPOP, up to POP_COUNT jobs), then one pipelined XADD of a
+// `complete` report per job; the report applier moves them into Postgres.
+const POP_COUNT = Number(process.env.LIFECYCLE_POP_COUNT || 10);
+async function queuePgFast(admin, workers) {
+  await admin.query("TRUNCATE queue.jobs, queue.redis_outbox");
+  const redises = Array.from({ length: workers }, () => new Redis({ port: redisPort }));
+  const keys = ["queue_pg:{bench}:high", "queue_pg:{bench}:normal", "queue_pg:{bench}:low"];
+  const stream = "queue_pg:{bench}:reports";
+  let stopping = false;
+  const loop = async (redis) => {
+    while (!stopping) {
+      const got = await redis.blmpop(1, 3, ...keys, "RIGHT", "COUNT", POP_COUNT);
+      if (!got) continue;
+      const pipe = redis.pipeline();
+      for (const m of got[1]) {
+        const msg = JSON.parse(m);
+        pipe.xadd(stream, "*", "id", msg.id, "attempt", msg.attempt, "op", "complete");
+      }
+      await pipe.exec();
+    }
+  };
+  const loops = redises.map(loop);
+  const cpu0 = await bridgeCpu(admin);
+  const applier0 = await applierCpu(admin);
+  const t0 = process.hrtime.bigint();
+  await enqueueAll(admin, "SELECT count(*) FROM queue.enqueue_many('bench', (SELECT jsonb_agg(jsonb_build_object('n', g)) FROM generate_series(1, 100) g))");
+  await waitFor(async () => Number((await admin.query("SELECT count(*) FROM queue.jobs WHERE status = 'completed'")).rows[0].count) === N, 10);
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const bridgeMs = ((await bridgeCpu(admin)) - cpu0) * 1000 * (1000 / N);
+  const applierMs = ((await applierCpu(admin)) - applier0) * 1000 * (1000 / N);
+  stopping = true;
+  await Promise.all(loops);
+  redises.forEach((r) => r.disconnect());
+  return { rate: N / seconds, bridgeMs, applierMs };
+}
+
 async function graphile(admin, workers) {
   let done = 0;
   const runner = await run({
@@ -109,31 +147,92 @@ async function graphile(admin, workers) {
   return N / seconds;
 }
 
+// Report-to-Postgres latency on the fast path at a steady rate: workers put the time of their XADD
+// in the report's result; the applier's transaction stamps completed_at (its start, so the
+// commit, a few ms at most, is not included).
+async function fastLatency(admin, rate, seconds, workers) {
+  await admin.query("TRUNCATE queue.jobs, queue.redis_outbox");
+  const redises = Array.from({ length: workers }, () => new Redis({ port: redisPort }));
+  const keys = ["queue_pg:{bench}:high", "queue_pg:{bench}:normal", "queue_pg:{bench}:low"];
+  let stopping = false;
+  const loop = async (redis) => {
+    while (!stopping) {
+      const got = await redis.blmpop(1, 3, ...keys, "RIGHT", "COUNT", POP_COUNT);
+      if (!got) continue;
+      const pipe = redis.pipeline();
+      const sent = JSON.stringify({ sent_ms: performance.timeOrigin + performance.now() });
+      for (const m of got[1]) {
+        const msg = JSON.parse(m);
+        pipe.xadd("queue_pg:{bench}:reports", "*", "id", msg.id, "attempt", msg.attempt, "op", "complete", "result", sent);
+      }
+      await pipe.exec();
+    }
+  };
+  const loops = redises.map(loop);
+  const perTick = rate / 100; // one statement every 10 ms
+  const total = rate * seconds;
+  const t0 = performance.now();
+  for (let i = 0; i < total / perTick; i++) {
+    await admin.query(`SELECT count(*) FROM queue.enqueue_many('bench', (SELECT jsonb_agg(g) FROM generate_series(1, ${perTick}) g))`);
+    const next = t0 + (i + 1) * 10;
+    const wait = next - performance.now();
+    if (wait > 0) await sleep(wait);
+  }
+  const achieved = total / ((performance.now() - t0) / 1000);
+  await waitFor(async () => Number((await admin.query("SELECT count(*) FROM queue.jobs WHERE status = 'completed'")).rows[0].count) === total, 10);
+  stopping = true;
+  await Promise.all(loops);
+  redises.forEach((r) => r.disconnect());
+  const { rows } = await admin.query(`
+    SELECT percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY ms) AS p, max(ms) AS max
+    FROM (SELECT extract(epoch FROM completed_at) * 1000 - (result->>'sent_ms')::float8 AS ms
+          FROM queue.jobs WHERE status = 'completed') t`);
+  return { achieved, p: rows[0].p, max: rows[0].max, total };
+}
+
+const VARIANTS = (process.env.LIFECYCLE_VARIANTS || "graphile,fast,complete,complete_many").split(",");
+
 (async () => {
   const admin = new Pool({ ...pgConfig, max: 2 });
   // Let graphile-worker install its schema once, outside the timings.
   const warm = await run({ pgPool: quietPool({ ...pgConfig, max: 2 }), concurrency: 1, noHandleSignals: true,
     logger: new (require("graphile-worker").Logger)(() => () => {}), taskList: { noop: async () => {} } });
   await warm.stop();
+  const runners = {
+    graphile: { label: "graphile-worker", run: async (w) => ({ rate: await graphile(admin, w) }) },
+    fast: { label: `queue_pg fast path (BLMPOP ${POP_COUNT}, XADD reports)`, run: (w) => queuePgFast(admin, w) },
+    complete: { label: "queue_pg SQL path (start, complete)", run: (w) => queuePg(admin, w, false) },
+    complete_many: { label: "queue_pg SQL path (start, complete_many)", run: (w) => queuePg(admin, w, true) },
+  };
   console.log(`\n(d) full lifecycle of ${N.toLocaleString()} no-op jobs (enqueue in statements of 100 -> worker -> complete),`);
-  console.log(`    median of ${ROUNDS} interleaved rounds (all rounds in brackets)`);
-  console.log("    workers   graphile-worker   queue_pg complete   ratio   queue_pg complete_many   ratio");
+  console.log(`    median of ${ROUNDS} interleaved rounds (all rounds in brackets); ratio against graphile-worker's median`);
+  const all = (xs) => xs.map((x) => x.toFixed(0)).join(", ");
   for (const w of WORKERS) {
-    const runs = { g: [], q: [], qm: [] };
-    const bridge = { q: [], qm: [] };
+    const runs = Object.fromEntries(VARIANTS.map((v) => [v, []]));
     for (let round = 0; round < ROUNDS; round++) {
-      runs.g.push(await graphile(admin, w));
-      for (const [key, batchAck] of [["q", false], ["qm", true]]) {
-        const { rate, bridgeMs } = await queuePg(admin, w, batchAck);
-        runs[key].push(rate);
-        bridge[key].push(bridgeMs);
-      }
+      for (const v of VARIANTS) runs[v].push(await runners[v].run(w));
     }
-    const [g, q, qm] = [median(runs.g), median(runs.q), median(runs.qm)];
-    console.log(`    ${String(w).padStart(7)}   ${g.toFixed(0).padStart(10)} jobs/s   ${q.toFixed(0).padStart(10)} jobs/s   ${(q / g).toFixed(2).padStart(5)}   ${qm.toFixed(0).padStart(15)} jobs/s   ${(qm / g).toFixed(2).padStart(5)}`);
-    const all = (xs) => xs.map((x) => x.toFixed(0)).join(", ");
-    console.log(`              [${all(runs.g)}]   [${all(runs.q)}]   [${all(runs.qm)}]`);
-    console.log(`              queue_pg's bridge: ${median(bridge.q).toFixed(0)} ms CPU per 1,000 jobs (complete), ${median(bridge.qm).toFixed(0)} ms (complete_many)`);
+    console.log(`    ${w} worker${w === 1 ? "" : "s"}:`);
+    const g = runs.graphile ? median(runs.graphile.map((r) => r.rate)) : NaN;
+    for (const v of VARIANTS) {
+      const rates = runs[v].map((r) => r.rate);
+      const m = median(rates);
+      const ratio = v === "graphile" ? "" : `ratio ${(m / g).toFixed(2)}`;
+      let cpu = "";
+      if (v !== "graphile") {
+        cpu = `   CPU per 1,000 jobs: bridge ${median(runs[v].map((r) => r.bridgeMs)).toFixed(0)} ms`;
+        if (v === "fast") cpu += `, report applier ${median(runs[v].map((r) => r.applierMs)).toFixed(0)} ms`;
+      }
+      console.log(`      ${runners[v].label.padEnd(44)} ${m.toFixed(0).padStart(6)} jobs/s  ${ratio.padEnd(10)} [${all(rates)}]${cpu}`);
+    }
+  }
+  if (VARIANTS.includes("fast")) {
+    const rate = Number(process.env.LATENCY_RATE || 1000);
+    const seconds = Number(process.env.LATENCY_SECONDS || 15);
+    const l = await fastLatency(admin, rate, seconds, 4);
+    const f = (x) => Number(x).toFixed(2);
+    console.log(`\n(d) fast path: report-to-Postgres latency at ${rate} jobs/s for ${seconds} s, 4 workers (${l.achieved.toFixed(0)} jobs/s achieved, ${l.total} jobs)`);
+    console.log(`    from the worker's XADD to the applying transaction: p50 ${f(l.p[0])} ms   p90 ${f(l.p[1])} ms   p99 ${f(l.p[2])} ms   max ${f(l.max)} ms`);
   }
   await admin.end();
 })().catch((e) => { console.error(e); process.exit(1); });

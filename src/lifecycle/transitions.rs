@@ -3,6 +3,10 @@
 //! applier a whole batch, lease expiry every expired lease), change them, and note each change
 //! for Redis (`queue.redis_outbox`, applied by the bridge after commit). Which state a report may
 //! move a job from is [`Locked::accepts`]; the statements check the same states again.
+//!
+//! Each statement finds its jobs by `id = ANY($1)` (the primary key) before joining them to the
+//! per-job values: a plan cached while `queue.jobs` was small can then cost at most one scan of
+//! the table, never one scan per job.
 
 use super::backoff::{self, Outcome};
 use super::{JobState, Sql};
@@ -189,7 +193,7 @@ static START: Sql = Sql::new(
                 (SELECT q.lease FROM queue.queues q WHERE q.queue_name = j.queue_name),
                 $3 * interval '1 millisecond')
         FROM input i
-        WHERE j.id = i.id AND j.status IN ({queued}, {migrated})
+        WHERE j.id = ANY($1) AND j.id = i.id AND j.status IN ({queued}, {migrated})
         RETURNING j.id, j.queue_name, j.payload, j.attempt_count + 1 AS attempt, j.max_attempts,
                   j.lease_expires_at),
     noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
@@ -226,7 +230,7 @@ static HEARTBEAT: Sql = Sql::new(
             $4 * interval '1 millisecond'),
         updated_at = now()
     FROM input i
-    WHERE j.id = i.id AND j.status = {running}
+    WHERE j.id = ANY($1) AND j.id = i.id AND j.status = {running}
       AND (i.attempt IS NULL OR j.attempt_count + 1 = i.attempt)
     RETURNING j.id, j.lease_expires_at",
 );
@@ -260,7 +264,7 @@ static COMPLETE: Sql = Sql::new(
             started_at = CASE WHEN j.status = {running} THEN j.started_at ELSE now() END,
             result = i.result::jsonb, lease_expires_at = NULL
         FROM input i
-        WHERE j.id = i.id
+        WHERE j.id = ANY($1) AND j.id = i.id
           AND (j.status = {running} OR ($4 AND j.status IN ({queued}, {migrated})))
           AND (i.attempt IS NULL OR j.attempt_count + 1 = i.attempt)
         RETURNING j.id, j.queue_name)
@@ -322,7 +326,7 @@ static RECORD_FAILURES: Sql = Sql::new(
             lease_expires_at = NULL,
             updated_at = now()
         FROM input i
-        WHERE j.id = i.id AND j.status IN ({running}, {queued}, {migrated})
+        WHERE j.id = ANY($1) AND j.id = i.id AND j.status IN ({running}, {queued}, {migrated})
         RETURNING j.id, j.status, j.run_at, j.queue_name, i.attempts, i.delay_ms),
     noted AS (INSERT INTO queue.redis_outbox (job_id, event, status, queue_name)
               SELECT id, 'state', status, queue_name FROM f)

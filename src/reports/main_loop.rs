@@ -47,6 +47,10 @@ pub extern "C-unwind" fn queue_pg_reports_main(_arg: pg_sys::Datum) {
     // be durable first, whatever the server's default.
     BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = on"))
         .expect("SET synchronous_commit failed");
+    // Batches vary from one report to thousands: plan each statement for the batch at hand and
+    // the table as it is now, rather than reuse a plan made for other sizes.
+    BackgroundWorker::transaction(|| Spi::run("SET plan_cache_mode = force_custom_plan"))
+        .expect("SET plan_cache_mode failed");
     shared::publish_process(true);
     log!("queue_pg reports: started in database \"{database}\"");
     let mut applier = Applier::new();
