@@ -40,16 +40,20 @@ def test_health_reports_a_known_state(db, r):
     outbox_applied(db)  # outcomes are counted as the bridge applies them
 
     h = health(db)
-    assert set(h) == {"timestamp", "status", "redis", "queues", "recent_jobs", "dead_letter_queue", "bridge"}
+    assert set(h) == {"timestamp", "status", "redis", "queues", "recent_jobs", "dead_letter_queue", "bridge",
+                      "reports"}
     assert set(h["redis"]) == {"status", "ping", "memory_used", "memory_used_percentage", "connected_clients", "error"}
     assert h["redis"]["status"] == "healthy" and h["redis"]["ping"] == "PONG" and h["redis"]["error"] is None
     assert isinstance(h["redis"]["memory_used"], int) and h["redis"]["memory_used"] > 0
     assert isinstance(h["redis"]["connected_clients"], int)
     q1, q2 = h["queues"]["h1"], h["queues"]["h2"]
-    assert set(q1) == {"high", "normal", "low", "queued", "scheduled", "retry_scheduled", "running", "oldest_age_s"}
+    assert set(q1) == {"high", "normal", "low", "queued", "scheduled", "retry_scheduled", "running", "oldest_age_s",
+                       "migrated", "reports_waiting", "oldest_report_age_ms"}
     assert (q1["high"], q1["normal"], q1["low"]) == (1, 1, 0)
     assert (q1["queued"], q1["scheduled"], q1["retry_scheduled"], q1["running"]) == (0, 1, 1, 1)
     assert (q2["high"], q2["normal"], q2["low"], q2["queued"]) == (0, 0, 0, 2)
+    assert (q1["migrated"], q1["reports_waiting"], q1["oldest_report_age_ms"]) == (2, 0, None)
+    assert h["reports"]["applier"] == "running" and h["reports"]["rejected"] == {}
     assert q2["oldest_age_s"] > 0
     assert h["recent_jobs"] == {"completed": 1, "failed": 1, "retried": 1, "window": "1 hour"}
     assert h["dead_letter_queue"]["depth"] == 1 and h["dead_letter_queue"]["oldest_failed_at"]

@@ -12,7 +12,8 @@ from conftest import bridge_pid, list_key, outbox_applied, stack, wait_for
 COLUMNS = ["queue_name", "paused", "queued", "scheduled", "migrated", "running", "retry_scheduled",
            "dead_letters", "redis_high", "redis_normal", "redis_low", "oldest_age_s",
            "completed_last_hour", "retried_last_hour", "failed_last_hour", "cancelled_last_hour",
-           "completed_total", "retried_total", "failed_total", "cancelled_total"]
+           "completed_total", "retried_total", "failed_total", "cancelled_total",
+           "reports_waiting", "oldest_report_age_ms", "reports_rejected_total"]
 
 
 def metrics(db):
@@ -56,7 +57,8 @@ def test_metrics_report_a_known_state(db, r):
         queue_name="m1", paused=False, queued=0, scheduled=1, migrated=2, running=1,
         retry_scheduled=1, dead_letters=1, redis_high=1, redis_normal=1, redis_low=0,
         completed_last_hour=1, retried_last_hour=1, failed_last_hour=1, cancelled_last_hour=1,
-        completed_total=101, retried_total=11, failed_total=3, cancelled_total=2)
+        completed_total=101, retried_total=11, failed_total=3, cancelled_total=2,
+        reports_waiting=0, oldest_report_age_ms=None, reports_rejected_total=0)
     m2 = m["m2"]
     assert m2["paused"] is True and m2["queued"] == 2 and m2["oldest_age_s"] > 0
     assert (m2["redis_high"], m2["redis_normal"], m2["redis_low"]) == (0, 0, 0)
@@ -144,10 +146,12 @@ def test_prometheus_output_parses_and_matches_metrics(db, r):
             assert v("queue_pg_job_outcomes_total", queue=queue, state=state) == row[f"{what}_total"]
             assert v("queue_pg_job_outcomes_last_hour", queue=queue, state=state) == row[f"{what}_last_hour"]
         assert v("queue_pg_queue_paused", queue=queue) == (1 if row["paused"] else 0)
+        assert v("queue_pg_reports_waiting", queue=queue) == row["reports_waiting"]
         age = v("queue_pg_oldest_waiting_job_age_seconds", queue=queue)
         assert math.isclose(age, row["oldest_age_s"], abs_tol=5), (queue, age, row["oldest_age_s"])
 
     assert v("queue_pg_bridge_up") == 1 and v("queue_pg_redis_up") == 1
+    assert v("queue_pg_report_applier_up") == 1
     assert v("queue_pg_bridge_redis_connected") == 1
     def added(name):
         return v(name) - before[(name, frozenset())]

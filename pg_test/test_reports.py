@@ -281,3 +281,49 @@ def test_crashes_with_thousands_of_reports_pending_lose_none_and_apply_none_twic
     counts = rejected(db, "crashy")
     assert set(counts) <= {"finished", "wrong_state"}, counts
     wait_for(lambda: r.llen(DLQ) == n_jobs // 10, what="one dead-letter entry per dead job")
+
+
+def test_monitoring_shows_waiting_reports_their_age_the_apply_lag_and_rejections(db, r):
+    job_id = db.execute("SELECT queue.enqueue('seen', '{}')").fetchone()[0]
+    assert pop(r, "seen")["id"] == job_id
+    with Paused(db, r):
+        report(r, "seen", job_id, 1, "complete")
+        report(r, "seen", job_id, 1, "finish")
+        r.xadd(f"{PREFIX}:{{seen}}:reports", {"id": job_id, "op": "complete"})
+        time.sleep(0.5)
+        health = db.execute("SELECT queue.health()").fetchone()[0]
+        seen = health["queues"]["seen"]
+        assert seen["reports_waiting"] == 3 and seen["oldest_report_age_ms"] >= 400
+        assert seen["migrated"] == 1
+        assert health["reports"]["oldest_waiting_ms"] >= 400
+        waiting, age = db.execute("SELECT reports_waiting, oldest_report_age_ms FROM queue.metrics() "
+                                  "WHERE queue_name = 'seen'").fetchone()
+        assert waiting == 3 and age >= 400
+        assert 'queue_pg_reports_waiting{queue="seen"} 3' in db.execute("SELECT queue.prometheus()").fetchone()[0]
+    applied(r, "seen")
+    assert status(db, job_id) == "completed"
+    health = db.execute("SELECT queue.health()").fetchone()[0]
+    assert health["reports"]["applier"] == "running"
+    assert health["reports"]["rejected"] == {"unknown_op": 1, "malformed": 1}
+    assert health["reports"]["applied_total"] >= 1
+    assert health["reports"]["last_apply_lag_ms"] >= 400, "the batch waited while the applier was stopped"
+    assert health["queues"]["seen"]["reports_waiting"] == 0
+    assert health["queues"]["seen"]["oldest_report_age_ms"] is None
+    assert db.execute("SELECT reports_rejected_total FROM queue.metrics() WHERE queue_name = 'seen'").fetchone() == (2,)
+    text = db.execute("SELECT queue.prometheus()").fetchone()[0]
+    assert 'queue_pg_reports_rejected_total{queue="seen",reason="unknown_op"} 1' in text
+    assert 'queue_pg_reports_rejected_total{queue="seen",reason="malformed"} 1' in text
+    assert "queue_pg_report_applier_up 1" in text
+
+
+def test_a_stopped_applier_makes_health_unhealthy(db, r):
+    db.execute("SELECT queue.enqueue('seen', '{}')")
+    assert db.execute("SELECT queue.health()->>'status'").fetchone()[0] == "healthy"
+    with Paused(db, r):
+        pass  # only to learn its pid
+    pid = applier_pid(db)
+    os.kill(pid, signal.SIGTERM)  # it stops, and the postmaster starts it again after a second
+    wait_for(lambda: db.execute("SELECT queue.health()->'reports'->>'applier'").fetchone()[0] == "stopped",
+             interval=0.01, what="health() to see the applier stopped")
+    assert db.execute("SELECT queue.health()->>'status'").fetchone()[0] == "unhealthy"
+    wait_for(lambda: applier_pid(db) not in (None, pid), timeout=10, what="the applier started again")

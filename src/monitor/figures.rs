@@ -158,3 +158,21 @@ pub fn bridge_lag_ms(client: &mut SpiClient<'_>) -> i64 {
     .unwrap_or_else(|e| error!("queue_pg: reading the bridge's lag failed: {e}"))
     .unwrap_or(0) // no row: nothing waits
 }
+
+/// Reports the applier dropped: (queue, reason, count), by queue and reason.
+pub fn rejected_reports(client: &mut SpiClient<'_>) -> Vec<(String, String, i64)> {
+    const REJECTED: &str =
+        "SELECT queue_name, reason, count FROM queue.rejected_reports ORDER BY queue_name, reason";
+    with_plan(client, REJECTED, &[], |client, plan| {
+        let rows = client.select(plan, None, &[]).map_err(|e| e.to_string())?;
+        rows.map(|r| {
+            Ok((
+                required(r.get::<String>(1), "queue_name")?,
+                required(r.get::<String>(2), "reason")?,
+                required(r.get::<i64>(3), "count")?,
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()
+    })
+    .unwrap_or_else(|e| error!("queue_pg: reading the rejected reports failed: {e}"))
+}

@@ -6,6 +6,7 @@ use super::redis_probe::{probe, RedisProbe};
 use crate::bridge::shared::{self, BridgeStatus};
 use crate::lifecycle::{JobState, Priority};
 use crate::redis::iso_utc;
+use crate::reports::shared::{self as reports_shared, ReportsStatus};
 use crate::settings;
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
@@ -16,12 +17,87 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// queue and the bridge.
 #[pg_extern(volatile)]
 fn health() -> JsonB {
-    let (queues, lag_ms) =
-        Spi::connect_mut(|client| (figures::per_queue(client), figures::bridge_lag_ms(client)));
+    let (queues, lag_ms, rejected) = Spi::connect_mut(|client| {
+        (
+            figures::per_queue(client),
+            figures::bridge_lag_ms(client),
+            figures::rejected_reports(client),
+        )
+    });
     let names: Vec<String> = queues.iter().map(|q| q.queue.clone()).collect();
     let redis = probe(&names);
     let bridge = shared::status();
-    JsonB(document(&queues, lag_ms, &redis, bridge.as_ref()))
+    let applier = reports_shared::status();
+    let mut doc = document(&queues, lag_ms, &redis, bridge.as_ref());
+    add_reports(&mut doc, &queues, &redis, applier.as_ref(), &rejected);
+    JsonB(doc)
+}
+
+/// What health() says of the report applier.
+pub fn applier_state(applier: Option<&ReportsStatus>) -> &'static str {
+    match applier {
+        None => "not_loaded",
+        Some(a) if a.pid == 0 => "stopped",
+        Some(_) => "running",
+    }
+}
+
+/// A waiting report older than this makes health() `degraded`.
+const REPORT_AGE_DEGRADED_MS: i64 = 10_000;
+
+/// The worker fast path: per queue, reports waiting in Redis and the oldest one's age; the
+/// applier's state, totals and last apply lag; rejected reports by reason. A stopped applier is
+/// `unhealthy` (reports pile up in Redis), an old waiting report `degraded`.
+fn add_reports(
+    doc: &mut Value,
+    queues: &[QueueFigures],
+    redis: &RedisProbe,
+    applier: Option<&ReportsStatus>,
+    rejected: &[(String, String, i64)],
+) {
+    let mut oldest = None::<i64>;
+    for (i, q) in queues.iter().enumerate() {
+        let stream = redis.reports.get(i);
+        if let Some(age) = stream.and_then(|s| s.oldest_age_ms) {
+            oldest = Some(oldest.map_or(age, |o| o.max(age)));
+        }
+        if let Some(figures) = doc["queues"][&q.queue].as_object_mut() {
+            figures.insert("migrated".into(), json!(q.migrated));
+            figures.insert("reports_waiting".into(), json!(stream.map(|s| s.waiting)));
+            figures.insert(
+                "oldest_report_age_ms".into(),
+                json!(stream.and_then(|s| s.oldest_age_ms)),
+            );
+        }
+    }
+    let mut by_reason = Map::new();
+    for (_, reason, n) in rejected {
+        let total = by_reason.get(reason).and_then(Value::as_i64).unwrap_or(0);
+        by_reason.insert(reason.clone(), json!(total + n));
+    }
+    let state = applier_state(applier);
+    doc["reports"] = json!({
+        "applier": state,
+        "pid": applier.map(|a| a.pid).filter(|&p| p != 0),
+        "oldest_waiting_ms": oldest,
+        "last_apply_lag_ms": applier.filter(|a| a.last_batch_us > 0).map(|a| a.last_lag_us as f64 / 1000.0),
+        "last_batch_at": applier.filter(|a| a.last_batch_us > 0).map(|a| {
+            iso_utc(UNIX_EPOCH + Duration::from_micros(a.last_batch_us as u64))
+        }),
+        "applied_total": applier.map(|a| a.applied_total),
+        "rejected": by_reason,
+    });
+    let status = doc["status"].as_str().unwrap_or("unhealthy");
+    let worse = if state != "running" {
+        Some("unhealthy")
+    } else if oldest.is_some_and(|ms| ms > REPORT_AGE_DEGRADED_MS) && status == "healthy" {
+        Some("degraded")
+    } else {
+        None
+    };
+    if let Some(w) = worse {
+        doc["status"] = json!(w);
+    }
 }
 
 /// What health() says of the bridge.

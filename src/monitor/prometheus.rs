@@ -2,10 +2,11 @@
 //! text exposition format (version 0.0.4), for a scrape endpoint or a textfile collector.
 
 use super::figures::{self, Outcomes, QueueFigures};
-use super::health::{bridge_state, BridgeState};
+use super::health::{applier_state, bridge_state, BridgeState};
 use super::metrics;
 use crate::bridge::shared;
 use crate::lifecycle::{JobState, Priority};
+use crate::reports::shared as reports_shared;
 use pgrx::prelude::*;
 use std::fmt::Write;
 
@@ -72,7 +73,7 @@ const OUTCOMES: [(JobState, Figure<Outcomes>); 4] = [
 /// The metrics in Prometheus text format.
 #[pg_extern(volatile)]
 fn prometheus() -> String {
-    let (queues, redis) = metrics::collect();
+    let (queues, redis, rejected) = metrics::collect();
     let lag_ms = Spi::connect_mut(figures::bridge_lag_ms);
     let bridge = shared::status();
     let mut out = Exposition {
@@ -159,6 +160,65 @@ fn prometheus() -> String {
                 count(&q.last_hour) as f64,
             );
         }
+    }
+
+    out.family(
+        "queue_pg_reports_waiting",
+        "gauge",
+        "Workers' reports waiting in the queue's Redis stream for the report applier (absent while Redis is unreachable).",
+    );
+    for (q, stream) in queues.iter().zip(&redis.reports) {
+        let labels = [("queue", q.queue.as_str())];
+        out.sample("queue_pg_reports_waiting", &labels, stream.waiting as f64);
+    }
+    out.family(
+        "queue_pg_oldest_report_age_seconds",
+        "gauge",
+        "Age of the queue's oldest report waiting to be applied; 0 when none waits.",
+    );
+    for (q, stream) in queues.iter().zip(&redis.reports) {
+        let labels = [("queue", q.queue.as_str())];
+        let age = stream.oldest_age_ms.unwrap_or(0) as f64 / 1000.0;
+        out.sample("queue_pg_oldest_report_age_seconds", &labels, age);
+    }
+    out.family(
+        "queue_pg_reports_rejected_total",
+        "counter",
+        "Workers' reports the applier dropped because they did not fit, by queue and reason.",
+    );
+    for (queue, reason, n) in &rejected {
+        let labels = [("queue", queue.as_str()), ("reason", reason.as_str())];
+        out.sample("queue_pg_reports_rejected_total", &labels, *n as f64);
+    }
+    let applier = reports_shared::status();
+    out.family(
+        "queue_pg_report_applier_up",
+        "gauge",
+        "1 while the report applier runs.",
+    );
+    let up = applier_state(applier.as_ref()) == "running";
+    out.sample("queue_pg_report_applier_up", &[], f64::from(u8::from(up)));
+    if let Some(a) = &applier {
+        out.family(
+            "queue_pg_reports_applied_total",
+            "counter",
+            "Reports the applier applied to Postgres since the server started.",
+        );
+        out.sample(
+            "queue_pg_reports_applied_total",
+            &[],
+            a.applied_total as f64,
+        );
+        out.family(
+            "queue_pg_report_apply_lag_seconds",
+            "gauge",
+            "Of the applier's last batch: from its oldest report's XADD to the commit that applied it.",
+        );
+        out.sample(
+            "queue_pg_report_apply_lag_seconds",
+            &[],
+            a.last_lag_us as f64 / 1e6,
+        );
     }
 
     let running = bridge_state(bridge.as_ref()) == BridgeState::Running;
