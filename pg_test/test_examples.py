@@ -1,6 +1,7 @@
-"""The example workers in examples/ (Python, Node.js, Rust), each started as a real process:
-a mixed batch enqueued from SQL ends completed or dead-lettered with the handler's error text, a
-long job survives on heartbeats, and SIGTERM mid-job loses nothing."""
+"""The example workers in examples/ (Python, Node.js, Rust), each started as a real process on
+each worker path (the fast path: reports through Redis; the SQL path): a mixed batch enqueued from
+SQL ends completed or dead-lettered with the handler's error text, a long job survives on
+heartbeats, and SIGTERM mid-job loses nothing."""
 
 import json
 import os
@@ -30,16 +31,24 @@ def build(lang):
     return [str(EXAMPLES / "rust" / "target" / "release" / "queue-pg-worker")]
 
 
-@pytest.fixture(scope="module", params=["python", "node", "rust"])
+BUILT = {}
+
+
+@pytest.fixture(scope="module", params=[(lang, path) for lang in ("python", "node", "rust")
+                                        for path in ("fast", "sql")], ids=lambda p: f"{p[0]}-{p[1]}")
 def lang(request):
-    return request.param, build(request.param)
+    name, path = request.param
+    if name not in BUILT:
+        BUILT[name] = build(name)
+    return name, path, BUILT[name]
 
 
-def start_worker(command, queue, grace="10"):
+def start_worker(command, path, queue, grace="10"):
+    # On the fast path the worker's lease: 2 s, so that the 3 s job lives on heartbeats.
     env = dict(os.environ,
                DATABASE_URL=f"postgresql://postgres@127.0.0.1:{ENV['QPG_PGPORT']}/postgres",
                REDIS_URL=f"redis://127.0.0.1:{ENV['QPG_REDIS_PORT']}",
-               QUEUES=queue, SHUTDOWN_GRACE_S=grace)
+               QUEUES=queue, SHUTDOWN_GRACE_S=grace, QUEUE_PG_PATH=path, LEASE_S="2")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready", "the worker did not start"
     return proc
@@ -63,8 +72,8 @@ def enqueue(db, queue, payload, priority="normal"):
 
 
 def test_a_mixed_batch_ends_completed_or_dead_lettered(db, r, lang):
-    name, command = lang
-    queue = f"ex_{name}"
+    name, path, command = lang
+    queue = f"ex_{name}_{path}"
     # Fast retries, and a lease shorter than the slow job: only heartbeats keep it.
     db.execute("""INSERT INTO queue.queues (queue_name, max_attempts, backoff_base, backoff_max, lease)
                   VALUES (%s, 3, '10 ms', '50 ms', '2 s')""", (queue,))
@@ -72,7 +81,7 @@ def test_a_mixed_batch_ends_completed_or_dead_lettered(db, r, lang):
     ok += [enqueue(db, queue, {"n": 100 + i}, "high") for i in range(2)]
     failing = {enqueue(db, queue, {"fail": f"boom {name} {i}"}): f"boom {name} {i}" for i in range(2)}
     slow = enqueue(db, queue, {"sleep": 3})
-    worker = start_worker(command, queue)
+    worker = start_worker(command, path, queue)
     try:
         wait_for(lambda: db.execute(
             "SELECT count(*) FROM queue.jobs WHERE queue_name = %s AND status IN ('completed', 'failed')",
@@ -96,29 +105,30 @@ def test_a_mixed_batch_ends_completed_or_dead_lettered(db, r, lang):
 
 
 def test_sigterm_mid_job_loses_nothing(db, r, lang):
-    name, command = lang
-    queue = f"ex_term_{name}"
+    name, path, command = lang
+    queue = f"ex_term_{name}_{path}"
     # Within the grace period the job in hand completes, then the worker exits; what still waits
     # in Redis stays there for the next worker.
-    worker = start_worker(command, queue, grace="10")
+    worker = start_worker(command, path, queue, grace="10")
     short = enqueue(db, queue, {"sleep": 1.5})
     wait_for(lambda: status(db, short) == "running", what="the job to start")
     waiting = enqueue(db, queue, {"n": 1})
     t0 = time.monotonic()
     assert stop(worker) == 0
     assert time.monotonic() - t0 < 8
-    assert status(db, short) == "completed"
+    wait_for(lambda: status(db, short) == "completed", what="the job in hand completed")
     wait_for(lambda: status(db, waiting) == "migrated")
     assert r.llen(f"{PREFIX}:{{{queue}}}:normal") == 1
 
     # Past the grace period the attempt fails, so the job is retried later: not lost.
     db.execute("SELECT queue.cancel(%s)", (waiting,))
-    worker = start_worker(command, queue, grace="0.5")
+    worker = start_worker(command, path, queue, grace="0.5")
     long = enqueue(db, queue, {"sleep": 60})
     wait_for(lambda: status(db, long) == "running", what="the long job to start")
     t0 = time.monotonic()
     assert stop(worker) == 0
     assert time.monotonic() - t0 < 5
+    wait_for(lambda: status(db, long) != "running", what="the attempt cut short to be failed")
     row = db.execute("SELECT status, attempt_count, last_error_message FROM queue.jobs WHERE id = %s",
                      (long,)).fetchone()
     assert row == ("retry_scheduled", 1, "worker shut down (SIGTERM) before the job finished")

@@ -1,6 +1,8 @@
-// A queue_pg worker in Node.js (ioredis + pg), following the documented worker loop:
+// A queue_pg worker in Node.js (ioredis + pg), on either documented worker loop:
 //
-//   BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
+//   fast path (default): BLMPOP up to BATCH jobs  ->  handle() each  ->  XADD complete / fail
+//                        reports (pipelined; `start` and heartbeats only for jobs that run long)
+//   SQL path:            BRPOP  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
 //
 //   npm ci
 //   DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
@@ -10,7 +12,10 @@
 // make handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL,
 // QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
 // SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
-// and so retried later, instead of completed).
+// and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for the fast
+// path BATCH (10: jobs per pop) and LEASE_S (30: a job still running after a third of it is
+// reported started with this lease, then kept alive by a heartbeat every third; keep that third
+// below queue.start_timeout). The SQL path takes its lease from the queue (queue.lease).
 'use strict';
 
 const Redis = require('ioredis');
@@ -21,6 +26,10 @@ const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
 const QUEUES = (process.env.QUEUES || 'default').split(',').filter(Boolean);
 const PREFIX = process.env.QUEUE_PG_PREFIX || 'queue_pg';
 const SHUTDOWN_GRACE_MS = 1000 * Number(process.env.SHUTDOWN_GRACE_S || '10');
+const PATH = process.env.QUEUE_PG_PATH || 'fast';
+const BATCH = Number(process.env.BATCH || '10');
+const LEASE_MS = 1000 * Number(process.env.LEASE_S || '30');
+const SHUTDOWN_ERROR = 'worker shut down (SIGTERM) before the job finished';
 
 // Your work goes here: return (or resolve to) a JSON-serialisable result, or throw (reject) to
 // fail the attempt; the error's message becomes the job's error. This example's handler
@@ -46,20 +55,26 @@ for (const signal of ['SIGTERM', 'SIGINT']) {
   });
 }
 
+// Runs handle(): resolves to { result } or { error }. After SIGTERM the handler has
+// SHUTDOWN_GRACE_S more; then the attempt fails (and is retried later).
+function runHandler(jobId, attempt, payload) {
+  const work = Promise.resolve()
+    .then(() => handle(jobId, attempt, payload))
+    .then((result) => ({ result }), (e) => ({ error: `${(e && e.name) || 'Error'}: ${(e && e.message) || e}` }));
+  const graceOver = stopped.then(() => new Promise((resolve) => {
+    setTimeout(resolve, SHUTDOWN_GRACE_MS, { error: SHUTDOWN_ERROR });
+  }));
+  return Promise.race([work, graceOver]);
+}
+
+// The SQL path: the job was started with queue.start; heartbeats and the end go through SQL.
 async function run(db, jobId, attempt, payload, leaseSeconds) {
   // Extend the lease every third of it while the handler runs.
   const heartbeat = setInterval(() => {
     db.query('SELECT queue.heartbeat($1, attempt => $2)', [jobId, attempt])
       .catch((e) => log(`heartbeat for job ${jobId} failed: ${e.message}`));
   }, Math.max(leaseSeconds / 3, 0.5) * 1000);
-  const work = Promise.resolve()
-    .then(() => handle(jobId, attempt, payload))
-    .then((result) => ({ result }), (e) => ({ error: `${(e && e.name) || 'Error'}: ${(e && e.message) || e}` }));
-  // After SIGTERM the handler has SHUTDOWN_GRACE_S more; then the attempt fails (and is retried).
-  const graceOver = stopped.then(() => new Promise((resolve) => {
-    setTimeout(resolve, SHUTDOWN_GRACE_MS, { error: 'worker shut down (SIGTERM) before the job finished' });
-  }));
-  const outcome = await Promise.race([work, graceOver]);
+  const outcome = await runHandler(jobId, attempt, payload);
   clearInterval(heartbeat);
   try {
     if ('error' in outcome) {
@@ -74,13 +89,70 @@ async function run(db, jobId, attempt, payload, leaseSeconds) {
   }
 }
 
+// The fast path's reports: XADD to the job's queue's report stream, sent in one pipeline per
+// batch of jobs (or at once, for a job that runs long).
+class Reports {
+  constructor(redis) { this.redis = redis; this.pending = []; }
+
+  add(queue, id, attempt, op, fields = {}) {
+    const entry = ['id', id, 'attempt', attempt, 'op', op];
+    for (const [k, v] of Object.entries(fields)) entry.push(k, v);
+    this.pending.push([`${PREFIX}:{${queue}}:reports`, entry]);
+  }
+
+  async flush() {
+    if (this.pending.length === 0) return;
+    const pipe = this.redis.pipeline();
+    for (const [stream, entry] of this.pending) pipe.xadd(stream, '*', ...entry);
+    this.pending = [];
+    for (const [err] of await pipe.exec()) if (err) throw err;
+  }
+}
+
+// The fast path: no claim in Postgres. A job still running after a third of LEASE_S is reported
+// started (with that lease), then kept alive by a heartbeat every third of it.
+async function runFast(reports, message) {
+  const { queue, id, attempt } = message;
+  let started = false;
+  const tick = setInterval(() => {
+    reports.add(queue, id, attempt, started ? 'heartbeat' : 'start', { lease_ms: LEASE_MS });
+    started = true;
+    reports.flush().catch((e) => log(`reporting job ${id} running failed: ${e.message}`));
+  }, LEASE_MS / 3);
+  const outcome = await runHandler(id, attempt, message.payload);
+  clearInterval(tick);
+  if ('error' in outcome) reports.add(queue, id, attempt, 'fail', { error: outcome.error });
+  else reports.add(queue, id, attempt, 'complete', { result: JSON.stringify(outcome.result ?? null) });
+}
+
+async function mainFast(redis, keys) {
+  const reports = new Reports(redis);
+  console.log('ready');
+  while (!stopping) {
+    // Up to BATCH jobs from the first list that has any: high before normal before low.
+    const popped = await redis.blmpop(1, keys.length, ...keys, 'RIGHT', 'COUNT', BATCH);
+    if (!popped) continue;
+    for (const raw of popped[1]) {
+      if (stopping) break; // popped and never run: the start-timeout rescue dispatches these again
+      await runFast(reports, JSON.parse(raw));
+    }
+    await reports.flush();
+  }
+}
+
 async function main() {
   const keys = [];
   for (const priority of ['high', 'normal', 'low']) {
     for (const queue of QUEUES) keys.push(`${PREFIX}:{${queue}}:${priority}`);
   }
-  // Every Redis call is bounded: BRPOP waits 1 s, so a reply later than 5 s means Redis hangs.
+  // Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
   const redis = new Redis(REDIS_URL, { connectTimeout: 5000, commandTimeout: 5000 });
+  if (PATH === 'fast') {
+    await mainFast(redis, keys);
+    redis.disconnect();
+    log('stopped');
+    process.exit(0); // a handler abandoned after the grace period may still hold timers
+  }
   const db = new Client({ connectionString: DATABASE_URL });
   await db.connect();
   console.log('ready');

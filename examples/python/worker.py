@@ -1,6 +1,8 @@
-"""A queue_pg worker in Python (redis-py + psycopg 3), following the documented worker loop:
+"""A queue_pg worker in Python (redis-py + psycopg 3), on either documented worker loop:
 
-    BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
+    fast path (default): BLMPOP up to BATCH jobs  ->  handle() each  ->  XADD complete / fail
+                         reports (pipelined; `start` and heartbeats only for jobs that run long)
+    SQL path:            BRPOP  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
 
     pip install -r requirements.txt
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
@@ -10,7 +12,10 @@ Put your work in handle(). Delivery is at-least-once: a job may run again after 
 handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL, QUEUES
 (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
 SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
-and so retried later, instead of completed).
+and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for the fast path
+BATCH (10: jobs per pop) and LEASE_S (30: a job still running after a third of it is reported
+started with this lease, then kept alive by a heartbeat every third; keep that third below
+queue.start_timeout). The SQL path takes its lease from the queue (queue.lease).
 """
 
 import json
@@ -29,6 +34,10 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 QUEUES = [q for q in os.environ.get("QUEUES", "default").split(",") if q]
 PREFIX = os.environ.get("QUEUE_PG_PREFIX", "queue_pg")
 SHUTDOWN_GRACE_S = float(os.environ.get("SHUTDOWN_GRACE_S", "10"))
+PATH = os.environ.get("QUEUE_PG_PATH", "fast")
+BATCH = int(os.environ.get("BATCH", "10"))
+LEASE_S = float(os.environ.get("LEASE_S", "30"))
+SHUTDOWN_ERROR = "worker shut down (SIGTERM) before the job finished"
 
 
 def handle(job_id, attempt, payload):
@@ -71,7 +80,10 @@ def heartbeat_until(done, job_id, attempt, lease_s):
             db.close()
 
 
-def run(db, job_id, attempt, payload, lease_s):
+def run_handler(job_id, attempt, payload, tick=None, tick_s=None):
+    """Runs handle() on a thread of its own; returns {"result": …} or {"error": …}. While it
+    runs, calls tick() every tick_s seconds. After SIGTERM the handler has SHUTDOWN_GRACE_S
+    more; then the attempt fails (and is retried later)."""
     outcome = {}
 
     def work():
@@ -80,19 +92,28 @@ def run(db, job_id, attempt, payload, lease_s):
         except Exception as e:  # noqa: BLE001 - any failure of the handler fails the attempt
             outcome["error"] = f"{type(e).__name__}: {e}"
 
-    done = threading.Event()
     worker = threading.Thread(target=work, daemon=True)
-    beat = threading.Thread(target=heartbeat_until, args=(done, job_id, attempt, lease_s), daemon=True)
     worker.start()
-    beat.start()
     deadline = None
+    next_tick = time.monotonic() + tick_s if tick else None
     while worker.is_alive():
-        worker.join(0.1)
+        worker.join(0.05)
+        if next_tick is not None and time.monotonic() >= next_tick and worker.is_alive():
+            tick()
+            next_tick += tick_s
         if stopping.is_set() and deadline is None:
             deadline = time.monotonic() + SHUTDOWN_GRACE_S
         if deadline is not None and time.monotonic() > deadline and worker.is_alive():
-            outcome = {"error": "worker shut down (SIGTERM) before the job finished"}
-            break
+            return {"error": SHUTDOWN_ERROR}
+    return dict(outcome)
+
+
+def run(db, job_id, attempt, payload, lease_s):
+    """The SQL path: the job was started with queue.start; heartbeats and the end go through SQL."""
+    done = threading.Event()
+    beat = threading.Thread(target=heartbeat_until, args=(done, job_id, attempt, lease_s), daemon=True)
+    beat.start()
+    outcome = run_handler(job_id, attempt, payload)
     done.set()
     try:
         if "error" in outcome:
@@ -104,12 +125,74 @@ def run(db, job_id, attempt, payload, lease_s):
         log(f"job {job_id}: {e}")
 
 
+class Reports:
+    """The fast path's reports: XADD to the job's queue's report stream, sent in one pipeline
+    per batch of jobs (or at once, for a job that runs long)."""
+
+    def __init__(self, r):
+        self.r = r
+        self.pending = []
+
+    def add(self, queue, job_id, attempt, op, **fields):
+        entry = {"id": job_id, "attempt": attempt, "op": op}
+        entry.update(fields)
+        self.pending.append((f"{PREFIX}:{{{queue}}}:reports", entry))
+
+    def flush(self):
+        if self.pending:
+            pipe = self.r.pipeline(transaction=False)
+            for stream, entry in self.pending:
+                pipe.xadd(stream, entry)
+            pipe.execute()
+            self.pending = []
+
+
+def run_fast(reports, message):
+    """The fast path: no claim in Postgres. A job still running after a third of LEASE_S is
+    reported started (with that lease), then kept alive by a heartbeat every third of it."""
+    queue, job_id, attempt = message["queue"], message["id"], message["attempt"]
+    lease_ms = int(LEASE_S * 1000)
+    started = []
+
+    def tick():
+        reports.add(queue, job_id, attempt, "heartbeat" if started else "start", lease_ms=lease_ms)
+        started.append(True)
+        reports.flush()
+
+    outcome = run_handler(job_id, attempt, message["payload"], tick, LEASE_S / 3)
+    if "error" in outcome:
+        reports.add(queue, job_id, attempt, "fail", error=outcome["error"])
+    else:
+        reports.add(queue, job_id, attempt, "complete", result=json.dumps(outcome["result"]))
+
+
+def main_fast(r, keys):
+    reports = Reports(r)
+    print("ready", flush=True)
+    while not stopping.is_set():
+        # Up to BATCH jobs from the first list that has any: high before normal before low.
+        popped = r.blmpop(1, len(keys), *keys, direction="RIGHT", count=BATCH)
+        if popped is None:
+            continue
+        for raw in popped[1]:
+            if stopping.is_set():
+                # Popped and never run: the start-timeout rescue dispatches these again.
+                break
+            run_fast(reports, json.loads(raw))
+        reports.flush()
+
+
 def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     keys = [f"{PREFIX}:{{{q}}}:{p}" for p in ("high", "normal", "low") for q in QUEUES]
-    # Every Redis call is bounded: BRPOP waits 1 s, so a reply later than 5 s means Redis hangs.
+    # Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
     r = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    if PATH == "fast":
+        main_fast(r, keys)
+        r.close()
+        log("stopped")
+        return
     with psycopg.connect(DATABASE_URL, autocommit=True) as db:
         print("ready", flush=True)
         while not stopping.is_set():

@@ -1,6 +1,8 @@
-//! A queue_pg worker in Rust (redis + postgres crates), following the documented worker loop:
+//! A queue_pg worker in Rust (redis + postgres crates), on either documented worker loop:
 //!
-//!   BRPOP high/normal/low  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
+//!   fast path (default): BLMPOP up to BATCH jobs  ->  handle() each  ->  XADD complete / fail
+//!                        reports (pipelined; `start` and heartbeats only for jobs that run long)
+//!   SQL path:            BRPOP  ->  queue.start(id)  ->  handle()  ->  queue.complete / queue.fail
 //!
 //!   cargo build --release
 //!   DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres \
@@ -10,7 +12,10 @@
 //! make `handle()` safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL,
 //! QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX
 //! (queue_pg), SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it
-//! is failed, and so retried later, instead of completed).
+//! is failed, and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for
+//! the fast path BATCH (10: jobs per pop) and LEASE_S (30: a job still running after a third of
+//! it is reported started with this lease, then kept alive by a heartbeat every third; keep that
+//! third below queue.start_timeout). The SQL path takes its lease from the queue (queue.lease).
 
 use postgres::error::SqlState;
 use postgres::{Client, NoTls};
@@ -51,41 +56,66 @@ struct Job {
     lease: Duration,
 }
 
-/// Runs the handler on its own thread; meanwhile extends the lease every third of it, and after
-/// SIGTERM gives it `grace` more before failing the attempt. Then reports the outcome.
-fn run(db: &mut Client, job: Job, stopping: &AtomicBool, grace: Duration) -> Result<(), Error> {
+const SHUTDOWN_ERROR: &str = "worker shut down (SIGTERM) before the job finished";
+
+/// Runs the handler on its own thread; meanwhile calls `tick` every `tick_every`, and after
+/// SIGTERM gives it `grace` more before failing the attempt.
+fn run_handler(
+    id: i64,
+    attempt: i32,
+    payload: Value,
+    stopping: &AtomicBool,
+    grace: Duration,
+    tick_every: Duration,
+    mut tick: impl FnMut(),
+) -> Result<Value, String> {
     let (done, outcome) = mpsc::channel();
-    let payload = job.payload.clone();
-    let (id, attempt) = (job.id, job.attempt);
     thread::spawn(move || {
         let _ = done.send(handle(id, attempt, &payload).map_err(|e| e.to_string()));
     });
-    let beat_every = (job.lease / 3).max(Duration::from_millis(500));
-    let mut next_beat = Instant::now() + beat_every;
+    let mut next_tick = Instant::now() + tick_every;
     let mut deadline = None;
-    let outcome = loop {
-        match outcome.recv_timeout(Duration::from_millis(100)) {
-            Ok(outcome) => break outcome,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break Err("the handler panicked".into()),
+    loop {
+        match outcome.recv_timeout(Duration::from_millis(50)) {
+            Ok(outcome) => return outcome,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err("the handler panicked".into()),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
-        if Instant::now() >= next_beat {
-            next_beat += beat_every;
+        if Instant::now() >= next_tick {
+            next_tick += tick_every;
+            tick();
+        }
+        if stopping.load(Ordering::Relaxed) {
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + grace);
+            if Instant::now() >= deadline {
+                // The handler thread is abandoned; the process exits soon.
+                return Err(SHUTDOWN_ERROR.into());
+            }
+        }
+    }
+}
+
+/// The SQL path: the job was started with queue.start; heartbeats (every third of the lease) and
+/// the end go through SQL.
+fn run(db: &mut Client, job: Job, stopping: &AtomicBool, grace: Duration) -> Result<(), Error> {
+    let (id, attempt) = (job.id, job.attempt);
+    let beat_every = (job.lease / 3).max(Duration::from_millis(500));
+    let outcome = run_handler(
+        id,
+        attempt,
+        job.payload,
+        stopping,
+        grace,
+        beat_every,
+        || {
             if let Err(e) = db.execute(
                 "SELECT queue.heartbeat($1, attempt => $2)",
                 &[&id, &attempt],
             ) {
                 log(&format!("heartbeat for job {id} failed: {e}"));
             }
-        }
-        if stopping.load(Ordering::Relaxed) {
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + grace);
-            if Instant::now() >= deadline {
-                // The handler thread is abandoned; the process exits soon.
-                break Err("worker shut down (SIGTERM) before the job finished".into());
-            }
-        }
-    };
+        },
+    );
     let reported = match &outcome {
         Ok(result) => db.execute(
             "SELECT queue.complete($1, $2, $3)",
@@ -104,6 +134,95 @@ fn run(db: &mut Client, job: Job, stopping: &AtomicBool, grace: Duration) -> Res
     }
 }
 
+/// The fast path's reports: XADD to the job's queue's report stream, sent in one pipeline per
+/// batch of jobs (or at once, for a job that runs long).
+struct Reports {
+    prefix: String,
+    pending: redis::Pipeline,
+}
+
+impl Reports {
+    fn add(&mut self, queue: &str, id: i64, attempt: i32, op: &str, fields: &[(&str, String)]) {
+        let cmd = self
+            .pending
+            .cmd("XADD")
+            .arg(format!("{}:{{{queue}}}:reports", self.prefix))
+            .arg("*")
+            .arg("id")
+            .arg(id)
+            .arg("attempt")
+            .arg(attempt)
+            .arg("op")
+            .arg(op);
+        for (name, value) in fields {
+            cmd.arg(*name).arg(value);
+        }
+        cmd.ignore();
+    }
+
+    fn flush(&mut self, redis: &mut redis::Connection) -> redis::RedisResult<()> {
+        let pipe = std::mem::replace(&mut self.pending, redis::pipe());
+        pipe.query::<()>(redis)
+    }
+}
+
+/// The fast path: no claim in Postgres. A job still running after a third of `lease` is
+/// reported started (with that lease), then kept alive by a heartbeat every third of it.
+fn run_fast(
+    redis: &mut redis::Connection,
+    reports: &mut Reports,
+    message: &Value,
+    stopping: &AtomicBool,
+    grace: Duration,
+    lease: Duration,
+) -> Result<(), Error> {
+    let (Some(id), Some(attempt), Some(queue)) = (
+        message["id"].as_i64(),
+        message["attempt"]
+            .as_i64()
+            .and_then(|a| i32::try_from(a).ok()),
+        message["queue"].as_str(),
+    ) else {
+        log(&format!(
+            "skipping a message without id, attempt or queue: {message}"
+        ));
+        return Ok(());
+    };
+    let lease_ms = [("lease_ms", lease.as_millis().to_string())];
+    let mut started = false;
+    let mut report_error = None;
+    let outcome = run_handler(
+        id,
+        attempt,
+        message["payload"].clone(),
+        stopping,
+        grace,
+        lease / 3,
+        || {
+            let op = if started { "heartbeat" } else { "start" };
+            started = true;
+            reports.add(queue, id, attempt, op, &lease_ms);
+            if let Err(e) = reports.flush(redis) {
+                report_error = Some(e);
+            }
+        },
+    );
+    if let Some(e) = report_error {
+        return Err(e.into());
+    }
+    match outcome {
+        Ok(result) => reports.add(
+            queue,
+            id,
+            attempt,
+            "complete",
+            &[("result", result.to_string())],
+        ),
+        Err(error) => reports.add(queue, id, attempt, "fail", &[("error", error)]),
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Error> {
     let database_url = setting(
         "DATABASE_URL",
@@ -112,6 +231,9 @@ fn main() -> Result<(), Error> {
     let redis_url = setting("REDIS_URL", "redis://127.0.0.1:6379");
     let prefix = setting("QUEUE_PG_PREFIX", "queue_pg");
     let grace = Duration::from_secs_f64(setting("SHUTDOWN_GRACE_S", "10").parse()?);
+    let fast = setting("QUEUE_PG_PATH", "fast") == "fast";
+    let batch: usize = setting("BATCH", "10").parse()?;
+    let lease = Duration::from_secs_f64(setting("LEASE_S", "30").parse()?);
     let queues: Vec<String> = setting("QUEUES", "default")
         .split(',')
         .filter(|q| !q.is_empty())
@@ -128,12 +250,50 @@ fn main() -> Result<(), Error> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stopping))?;
     }
-    let mut db = Client::connect(&database_url, NoTls)?;
-    // Every Redis call is bounded: BRPOP waits 1 s, so a reply later than 5 s means Redis hangs.
+    // Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
     let limit = Duration::from_secs(5);
     let mut redis = redis::Client::open(redis_url)?.get_connection_with_timeout(limit)?;
     redis.set_read_timeout(Some(limit))?;
     redis.set_write_timeout(Some(limit))?;
+    if fast {
+        println!("ready");
+        let mut reports = Reports {
+            prefix,
+            pending: redis::pipe(),
+        };
+        while !stopping.load(Ordering::Relaxed) {
+            // Up to BATCH jobs from the first list that has any: high before normal before low.
+            let popped: Option<(String, Vec<String>)> = match redis::cmd("BLMPOP")
+                .arg(1)
+                .arg(keys.len())
+                .arg(&keys)
+                .arg("RIGHT")
+                .arg("COUNT")
+                .arg(batch)
+                .query(&mut redis)
+            {
+                Ok(popped) => popped,
+                // SIGTERM during the pop ends the read with EINTR (see the SQL path below).
+                Err(_) if stopping.load(Ordering::Relaxed) => break,
+                Err(err) => return Err(err.into()),
+            };
+            let Some((_, messages)) = popped else {
+                continue; // nothing within the second
+            };
+            for message in messages {
+                if stopping.load(Ordering::Relaxed) {
+                    // Popped and never run: the start-timeout rescue dispatches these again.
+                    break;
+                }
+                let message: Value = serde_json::from_str(&message)?;
+                run_fast(&mut redis, &mut reports, &message, &stopping, grace, lease)?;
+            }
+            reports.flush(&mut redis)?;
+        }
+        log("stopped");
+        std::process::exit(0);
+    }
+    let mut db = Client::connect(&database_url, NoTls)?;
     println!("ready");
 
     while !stopping.load(Ordering::Relaxed) {
