@@ -5,6 +5,8 @@ tables are rewritten by VACUUM FULL; every job must still end as planned. The lo
 
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench" / "chaos"))
@@ -14,11 +16,13 @@ import chaos  # noqa: E402
 ENV = dict(QPG_HOME="/tmp/queue_pg_test_chaos", QPG_PGPORT="55482", QPG_REDIS_PORT="56429")
 
 
-def test_every_job_ends_as_planned_through_every_kind_of_fault():
+@pytest.mark.parametrize("worker_path", ["fast", "sql"])
+def test_every_job_ends_as_planned_through_every_kind_of_fault(worker_path):
     stack = chaos.Stack(ENV)
     stack.run("up")
     try:
-        report = chaos.soak(ENV, jobs=3000, workers=4, min_each=1, drain_timeout=180)
+        report = chaos.soak(ENV, jobs=3000, workers=4, min_each=1, drain_timeout=180,
+                            worker_path=worker_path)
     finally:
         stack.run("down")
     print(chaos.table(report))
