@@ -327,3 +327,17 @@ def test_a_stopped_applier_makes_health_unhealthy(db, r):
              interval=0.01, what="health() to see the applier stopped")
     assert db.execute("SELECT queue.health()->>'status'").fetchone()[0] == "unhealthy"
     wait_for(lambda: applier_pid(db) not in (None, pid), timeout=10, what="the applier started again")
+
+
+def test_a_report_waiting_over_ten_seconds_makes_health_degraded(db, r):
+    job_id = db.execute("SELECT queue.enqueue('seen', '{}')").fetchone()[0]
+    assert pop(r, "seen")["id"] == job_id
+    with Paused(db, r):
+        report(r, "seen", job_id, 1, "complete")
+        time.sleep(9)
+        assert db.execute("SELECT queue.health()->>'status'").fetchone()[0] == "healthy"
+        time.sleep(1.5)
+        health = db.execute("SELECT queue.health()").fetchone()[0]
+        assert health["status"] == "degraded" and health["reports"]["oldest_waiting_ms"] > 10_000
+    applied(r, "seen")
+    assert db.execute("SELECT queue.health()->>'status'").fetchone()[0] == "healthy"

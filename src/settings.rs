@@ -134,7 +134,7 @@ pub fn register() {
     );
     GucRegistry::define_int_guc(
         c"queue.batch_size",
-        c"Jobs the bridge pushes to Redis in one pipelined round trip.",
+        c"Jobs the bridge pushes to Redis in one pipelined round trip; reports the applier reads per queue per batch.",
         c"",
         &BATCH_SIZE,
         1,

@@ -100,25 +100,37 @@ async function queuePg(admin, workers, batchAck) {
 // The fast path: batch pop (BLMPOP, up to POP_COUNT jobs), then one pipelined XADD of a
 // `complete` report per job; the report applier moves them into Postgres.
 const POP_COUNT = Number(process.env.LIFECYCLE_POP_COUNT || 10);
-async function queuePgFast(admin, workers) {
-  await admin.query("TRUNCATE queue.jobs, queue.redis_outbox");
+// `workers` fast-path workers, one Redis connection each; `extra()` gives the report's fields
+// beyond id, attempt and op, per batch.
+function fastWorkers(workers, extra) {
   const redises = Array.from({ length: workers }, () => new Redis({ port: redisPort }));
   const keys = ["queue_pg:{bench}:high", "queue_pg:{bench}:normal", "queue_pg:{bench}:low"];
-  const stream = "queue_pg:{bench}:reports";
   let stopping = false;
   const loop = async (redis) => {
     while (!stopping) {
       const got = await redis.blmpop(1, 3, ...keys, "RIGHT", "COUNT", POP_COUNT);
       if (!got) continue;
       const pipe = redis.pipeline();
+      const fields = extra();
       for (const m of got[1]) {
         const msg = JSON.parse(m);
-        pipe.xadd(stream, "*", "id", msg.id, "attempt", msg.attempt, "op", "complete");
+        pipe.xadd("queue_pg:{bench}:reports", "*", "id", msg.id, "attempt", msg.attempt, "op", "complete", ...fields);
       }
       await pipe.exec();
     }
   };
   const loops = redises.map(loop);
+  return {
+    stop: async () => {
+      stopping = true;
+      await Promise.all(loops);
+      redises.forEach((r) => r.disconnect());
+    },
+  };
+}
+async function queuePgFast(admin, workers) {
+  await admin.query("TRUNCATE queue.jobs, queue.redis_outbox");
+  const fleet = fastWorkers(workers, () => []);
   const cpu0 = await bridgeCpu(admin);
   const applier0 = await applierCpu(admin);
   const t0 = process.hrtime.bigint();
@@ -127,9 +139,7 @@ async function queuePgFast(admin, workers) {
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const bridgeMs = ((await bridgeCpu(admin)) - cpu0) * 1000 * (1000 / N);
   const applierMs = ((await applierCpu(admin)) - applier0) * 1000 * (1000 / N);
-  stopping = true;
-  await Promise.all(loops);
-  redises.forEach((r) => r.disconnect());
+  await fleet.stop();
   return { rate: N / seconds, bridgeMs, applierMs };
 }
 
@@ -157,23 +167,8 @@ async function graphile(admin, workers) {
 // commit, a few ms at most, is not included).
 async function fastLatency(admin, rate, seconds, workers) {
   await admin.query("TRUNCATE queue.jobs, queue.redis_outbox");
-  const redises = Array.from({ length: workers }, () => new Redis({ port: redisPort }));
-  const keys = ["queue_pg:{bench}:high", "queue_pg:{bench}:normal", "queue_pg:{bench}:low"];
-  let stopping = false;
-  const loop = async (redis) => {
-    while (!stopping) {
-      const got = await redis.blmpop(1, 3, ...keys, "RIGHT", "COUNT", POP_COUNT);
-      if (!got) continue;
-      const pipe = redis.pipeline();
-      const sent = JSON.stringify({ sent_ms: Date.now() }); // the wall clock, like Postgres's now()
-      for (const m of got[1]) {
-        const msg = JSON.parse(m);
-        pipe.xadd("queue_pg:{bench}:reports", "*", "id", msg.id, "attempt", msg.attempt, "op", "complete", "result", sent);
-      }
-      await pipe.exec();
-    }
-  };
-  const loops = redises.map(loop);
+  // The wall clock, like Postgres's now().
+  const fleet = fastWorkers(workers, () => ["result", JSON.stringify({ sent_ms: Date.now() })]);
   const perTick = rate / 100; // one statement every 10 ms
   const total = rate * seconds;
   const t0 = performance.now();
@@ -185,9 +180,7 @@ async function fastLatency(admin, rate, seconds, workers) {
   }
   const achieved = total / ((performance.now() - t0) / 1000);
   await waitFor(async () => Number((await admin.query("SELECT count(*) FROM queue.jobs WHERE status = 'completed'")).rows[0].count) === total, 10);
-  stopping = true;
-  await Promise.all(loops);
-  redises.forEach((r) => r.disconnect());
+  await fleet.stop();
   const { rows } = await admin.query(`
     SELECT percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY ms) AS p, max(ms) AS max
     FROM (SELECT extract(epoch FROM completed_at) * 1000 - (result->>'sent_ms')::float8 AS ms
@@ -222,7 +215,7 @@ const VARIANTS = (process.env.LIFECYCLE_VARIANTS || "graphile,fast,complete,comp
     for (const v of VARIANTS) {
       const rates = runs[v].map((r) => r.rate);
       const m = median(rates);
-      const ratio = v === "graphile" ? "" : `ratio ${(m / g).toFixed(2)}`;
+      const ratio = v === "graphile" || !runs.graphile ? "" : `ratio ${(m / g).toFixed(2)}`;
       let cpu = "";
       if (v !== "graphile") {
         cpu = `   CPU per 1,000 jobs: bridge ${median(runs[v].map((r) => r.bridgeMs)).toFixed(0)} ms`;

@@ -6,7 +6,7 @@ use super::shared;
 use crate::redis::Keys;
 use crate::settings;
 use crate::spi_plans::with_plan;
-use pgrx::bgworkers::BackgroundWorker;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use std::panic::AssertUnwindSafe;
@@ -85,6 +85,20 @@ impl ReadFrom {
     pub fn drained(&mut self, complete: bool, from: i64) {
         self.drained_below = if complete { i64::MAX } else { from };
     }
+}
+
+/// The start of each of the extension's background workers: signal handlers (SIGHUP, SIGTERM),
+/// a connection to `queue.database`, and the session settings it runs with (`SET` statements).
+/// Returns the database's name.
+pub fn start_worker(session: &[&str]) -> String {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    for statement in session {
+        BackgroundWorker::transaction(|| Spi::run(statement))
+            .unwrap_or_else(|e| panic!("{statement} failed: {e}"));
+    }
+    database
 }
 
 /// Runs `f` in a transaction of its own with an SPI connection. An ERROR or panic inside is

@@ -20,7 +20,7 @@
 //! and the postmaster restarts the bridge after its restart time. Jobs are marked only after
 //! Redis acknowledged them, so no exit path loses one.
 
-use super::context::Context;
+use super::context::{start_worker, Context};
 use super::dispatch::Dispatch;
 use super::maintenance::Maintenance;
 use super::memory_check::MemoryCheck;
@@ -29,21 +29,16 @@ use super::report;
 use super::rescue::Rescue;
 use super::shared::{self, shutdown_requested};
 use super::state_sync::StateSync;
-use crate::settings;
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = settings::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // Losing a `migrated` mark in a crash only means pushing that job again (at-least-once),
     // so the bridge's own commits need not wait for the WAL flush.
-    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = off"))
-        .expect("SET synchronous_commit failed");
+    let database = start_worker(&["SET synchronous_commit = off"]);
     shared::publish_bridge_process();
     log!("queue_pg bridge: started in database \"{database}\"");
 

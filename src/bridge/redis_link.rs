@@ -186,11 +186,17 @@ impl RedisLink {
 }
 
 /// Names the connection after its worker ("queue_pg-bridge"), so that `CLIENT LIST` shows whose it
-/// is.
+/// is. A refusal (an ACL user without `CLIENT`) leaves it unnamed; only a broken connection is an
+/// error.
 fn name_connection(con: &mut Conn, label: &str) -> Result<(), String> {
-    redis::cmd("CLIENT")
+    match redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg(label.replace(' ', "-"))
         .query::<()>(con)
-        .map_err(|e| e.to_string())
+    {
+        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+            Err(e.to_string())
+        }
+        _ => Ok(()),
+    }
 }

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod backoff;
+pub mod report_rule;
 mod sql;
 pub mod transitions;
 

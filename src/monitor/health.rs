@@ -70,10 +70,9 @@ fn add_reports(
             );
         }
     }
-    let mut by_reason = Map::new();
+    let mut by_reason = std::collections::BTreeMap::<&str, i64>::new();
     for (_, reason, n) in rejected {
-        let total = by_reason.get(reason).and_then(Value::as_i64).unwrap_or(0);
-        by_reason.insert(reason.clone(), json!(total + n));
+        *by_reason.entry(reason).or_default() += n;
     }
     let state = applier_state(applier);
     doc["reports"] = json!({
@@ -87,16 +86,10 @@ fn add_reports(
         "applied_total": applier.map(|a| a.applied_total),
         "rejected": by_reason,
     });
-    let status = doc["status"].as_str().unwrap_or("unhealthy");
-    let worse = if state != "running" {
-        Some("unhealthy")
-    } else if oldest.is_some_and(|ms| ms > REPORT_AGE_DEGRADED_MS) && status == "healthy" {
-        Some("degraded")
-    } else {
-        None
-    };
-    if let Some(w) = worse {
-        doc["status"] = json!(w);
+    if state != "running" {
+        doc["status"] = json!("unhealthy");
+    } else if oldest.is_some_and(|ms| ms > REPORT_AGE_DEGRADED_MS) && doc["status"] == "healthy" {
+        doc["status"] = json!("degraded");
     }
 }
 

@@ -3,7 +3,7 @@
 //! [error <text>]`. Parsing is strict, so that nothing the applier hands to Postgres can make its
 //! batch fail: a report that does not parse is a [`Reject`], never a guess.
 
-use crate::lifecycle::transitions::{Op, Reject};
+use crate::lifecycle::report_rule::{Op, Reject};
 use redis::Value;
 use std::time::Duration;
 

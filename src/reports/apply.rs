@@ -1,11 +1,12 @@
 //! One batch of reports, applied in one transaction (the caller's): the jobs they name are locked
-//! once, each report is judged by the lifecycle's rule ([`Locked::accepts`]) against the state
+//! once, each report is judged by the lifecycle's rule (`report_rule`) against the state
 //! the reports before it left, and the accepted ones run as set-based transitions, one statement
 //! per kind. A job's reports apply in stream order: its second report of a batch goes in the
 //! second wave of statements, and so on. Reports that do not fit are counted by queue and reason
 //! in `queue.rejected_reports`; they never hold back the rest of the batch.
 
-use crate::lifecycle::transitions::{self, Done, Failure, Locked, Reject, Step};
+use crate::lifecycle::report_rule::{Locked, Reject, Step};
+use crate::lifecycle::transitions::{self, Done, Failure};
 use crate::lifecycle::Sql;
 use crate::redis::report::{Entry, Report};
 use crate::spi_plans::{self, types::*};

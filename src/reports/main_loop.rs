@@ -19,7 +19,7 @@
 use super::apply::{apply, Applied};
 use super::shared;
 use super::streams::Streams;
-use crate::bridge::context::in_transaction;
+use crate::bridge::context::{in_transaction, start_worker};
 use crate::bridge::redis_link::RedisLink;
 use crate::bridge::shared::{self as bridge_shared, shutdown_requested, unix_micros};
 use crate::bridge::timer::Every;
@@ -27,7 +27,7 @@ use crate::bridge::wake::wake_on_commit;
 use crate::redis::report::{entry_ms, parse_xread, Entry};
 use crate::redis::{Conn, Keys};
 use crate::settings;
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,17 +40,13 @@ const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn queue_pg_reports_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = settings::database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // A report is removed from Redis right after the commit that applied it: that commit must
-    // be durable first, whatever the server's default.
-    BackgroundWorker::transaction(|| Spi::run("SET synchronous_commit = on"))
-        .expect("SET synchronous_commit failed");
-    // Batches vary from one report to thousands: plan each statement for the batch at hand and
-    // the table as it is now, rather than reuse a plan made for other sizes.
-    BackgroundWorker::transaction(|| Spi::run("SET plan_cache_mode = force_custom_plan"))
-        .expect("SET plan_cache_mode failed");
+    // be durable first, whatever the server's default. And batches vary from one report to
+    // thousands: each statement is planned for the batch at hand and the table as it is now.
+    let database = start_worker(&[
+        "SET synchronous_commit = on",
+        "SET plan_cache_mode = force_custom_plan",
+    ]);
     shared::publish_process(true);
     log!("queue_pg reports: started in database \"{database}\"");
     let mut applier = Applier::new();
