@@ -9,6 +9,10 @@ CREATE TABLE queue.queues (
     backoff_max  interval CHECK (backoff_max >= interval '0'),
     lease        interval CHECK (lease > interval '0'),
     paused       boolean NOT NULL DEFAULT false,
+    -- How long finished jobs stay in queue.jobs, counted from when they finished.
+    completed_retention interval CHECK (completed_retention >= interval '0'),
+    dead_retention      interval CHECK (dead_retention >= interval '0'),
+    cancelled_retention interval CHECK (cancelled_retention >= interval '0'),
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
@@ -53,22 +57,25 @@ CREATE INDEX jobs_migrated_idx ON queue.jobs (queue_name, priority, dispatch_seq
 
 -- Running jobs by lease end: the bridge's rescue of expired leases.
 CREATE INDEX jobs_lease_idx ON queue.jobs (lease_expires_at) WHERE status = 'running';
--- Completed jobs by age: pruning after queue.completed_retention.
-CREATE INDEX jobs_completed_idx ON queue.jobs (completed_at) WHERE status = 'completed';
--- Dead jobs: queue.dead_letters and replay_dead_all.
+-- Finished jobs by queue and age: pruning after their retention (queue.*_retention, or the
+-- queue's own); dead ones also serve queue.dead_letters and replay_dead_all. A cancelled job
+-- never changes again, so its updated_at is when it was cancelled.
+CREATE INDEX jobs_completed_idx ON queue.jobs (queue_name, completed_at) WHERE status = 'completed';
 CREATE INDEX jobs_failed_idx ON queue.jobs (queue_name, failed_at) WHERE status = 'failed';
+CREATE INDEX jobs_cancelled_idx ON queue.jobs (queue_name, updated_at) WHERE status = 'cancelled';
 
 -- Changes Redis must follow after commit (the job hash, the dead-letter list). SQL functions add a
 -- row in the caller's transaction; the bridge applies it to Redis, then deletes it by its id (a
 -- real key: a VACUUM FULL or CLUSTER between the bridge's read and its delete moves tuples).
--- 'state': make the job hash (and dead-letter entry) match the job's row; 'replayed': remove the
--- job's dead-letter entry and marker. `status` is the state the job entered. The bridge counts
+-- 'state': make the job hash (and dead-letter entry) match the job's row; 'replayed' (a dead job
+-- replayed) and 'pruned' (a dead job deleted after its retention): remove the job's dead-letter
+-- entry and marker. `status` is the state the job entered. The bridge counts
 -- outcomes into queue.stats once per poll interval whether or not Redis is reachable (`counted`),
 -- and counts the rest in the transaction that deletes the rows, so each is counted once.
 CREATE TABLE queue.redis_outbox (
     id         bigserial PRIMARY KEY,
     job_id     bigint NOT NULL,
-    event      text NOT NULL CHECK (event IN ('state', 'replayed')),
+    event      text NOT NULL CHECK (event IN ('state', 'replayed', 'pruned')),
     status     text NOT NULL,
     queue_name text NOT NULL,
     at         timestamptz NOT NULL DEFAULT now(),

@@ -24,6 +24,8 @@ pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static JOB_HASH_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 pub static DEAD_LETTER_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(604_800);
 pub static COMPLETED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+pub static DEAD_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 86_400);
+pub static CANCELLED_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
 pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1_048_576);
 pub static REDIS_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static MEMORY_CHECK_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
@@ -173,6 +175,26 @@ pub fn register() {
         s,
     );
     GucRegistry::define_int_guc(
+        c"queue.dead_retention",
+        c"How long dead jobs (failed for good) stay in queue.jobs before the bridge prunes them.",
+        c"",
+        &DEAD_RETENTION_S,
+        0,
+        MAX_INT,
+        Sighup,
+        s,
+    );
+    GucRegistry::define_int_guc(
+        c"queue.cancelled_retention",
+        c"How long cancelled jobs stay in queue.jobs before the bridge prunes them.",
+        c"",
+        &CANCELLED_RETENTION_S,
+        0,
+        MAX_INT,
+        Sighup,
+        s,
+    );
+    GucRegistry::define_int_guc(
         c"queue.max_payload_bytes",
         c"Largest accepted payload, as the length of its JSON text.",
         c"",
@@ -259,6 +281,12 @@ pub fn dead_letter_ttl_s() -> i64 {
 }
 pub fn completed_retention_s() -> i64 {
     i64::from(COMPLETED_RETENTION_S.get())
+}
+pub fn dead_retention_s() -> i64 {
+    i64::from(DEAD_RETENTION_S.get())
+}
+pub fn cancelled_retention_s() -> i64 {
+    i64::from(CANCELLED_RETENTION_S.get())
 }
 pub fn memory_check_interval() -> Duration {
     Duration::from_secs(MEMORY_CHECK_INTERVAL_S.get() as u64)

@@ -1,12 +1,13 @@
 //! Duty: the Postgres side's upkeep, once per poll interval, in one transaction, whether or not
 //! Redis is reachable: outcomes waiting in the outbox are counted (`outcomes`), minutes that
 //! left the last hour fold into the totals (once a minute), running jobs whose lease expired
-//! fail their attempt by the backoff rule ("lease expired"), and completed jobs older than
-//! `queue.completed_retention` are pruned in bounded batches.
+//! fail their attempt by the backoff rule ("lease expired"), and finished jobs older than their
+//! retention are pruned in bounded batches (`retention`).
 
 use super::context::{extension_present, in_transaction, Context};
 use super::outcomes;
 use super::report::{Count, Level};
+use super::retention;
 use super::timer::Every;
 use crate::lifecycle::transitions::{self, Failure};
 use crate::lifecycle::JobState;
@@ -26,15 +27,6 @@ static EXPIRED_LEASES: Sql = Sql::new(
     ORDER BY lease_expires_at
     LIMIT 500
     FOR UPDATE SKIP LOCKED",
-);
-
-static PRUNE_COMPLETED: Sql = Sql::new(
-    "
-    DELETE FROM queue.jobs WHERE id IN (
-        SELECT id FROM queue.jobs
-        WHERE status = {completed} AND completed_at < now() - $1 * interval '1 second'
-        ORDER BY completed_at
-        LIMIT 5000)",
 );
 
 #[derive(Default)]
@@ -61,7 +53,7 @@ impl Maintenance {
                 if fold {
                     outcomes::fold(client);
                 }
-                (expire_leases(client), prune_completed(client))
+                (expire_leases(client), retention::prune(client))
             })
         });
         let Some((expired, pruned)) = done else {
@@ -77,7 +69,9 @@ impl Maintenance {
                 Level::Log,
                 "{n} running jobs' leases expired; counted as failed attempts",
             ),
-            Count::new(pruned, Level::Debug, "pruned {n} completed jobs"),
+            Count::new(pruned.completed, Level::Debug, "pruned {n} completed jobs"),
+            Count::new(pruned.dead, Level::Debug, "pruned {n} dead jobs"),
+            Count::new(pruned.cancelled, Level::Debug, "pruned {n} cancelled jobs"),
         ]
     }
 }
@@ -103,16 +97,4 @@ fn expire_leases(client: &mut SpiClient<'_>) -> usize {
     transitions::fail(client, &failures)
         .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: failing expired leases: {e}"));
     ids.len()
-}
-
-/// Deletes one bounded batch of old completed jobs. Returns how many.
-fn prune_completed(client: &mut SpiClient<'_>) -> usize {
-    client
-        .update(
-            &*PRUNE_COMPLETED,
-            None,
-            &[settings::completed_retention_s().into()],
-        )
-        .map(|t| t.len())
-        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: pruning completed jobs failed: {e}"))
 }

@@ -26,6 +26,7 @@ pub mod redis_link;
 pub mod redis_loss;
 pub mod report;
 pub mod rescue;
+pub mod retention;
 pub mod shared;
 pub mod state_sync;
 pub mod timer;

@@ -26,6 +26,7 @@ use std::time::SystemTime;
 pub struct Change {
     id: i64,
     job_id: i64,
+    /// The job left the dead letters (replayed, or pruned): remove its entry and marker.
     replayed: bool,
     /// The state the job entered with this change.
     entered: JobState,
@@ -180,7 +181,8 @@ fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
             Ok(Change {
                 id: required(row.get(1), "redis_outbox.id")?,
                 job_id: required(row.get(2), "redis_outbox.job_id")?,
-                replayed: required::<String>(row.get(3), "redis_outbox.event")? == "replayed",
+                // A replayed or pruned dead job: its dead-letter entry goes.
+                replayed: required::<String>(row.get(3), "redis_outbox.event")? != "state",
                 entered: JobState::parse(&required::<String>(row.get(4), "redis_outbox.status")?)?,
                 job,
             })
@@ -192,7 +194,10 @@ fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
 
 /// The bridge's own totals, published once the transaction that counted them has committed.
 fn publish_totals(changes: &[Change]) {
-    let count = |state| changes.iter().filter(|c| c.entered == state).count() as u64;
+    let count = |state| {
+        let entered = changes.iter().filter(|c| !c.replayed && c.entered == state);
+        entered.count() as u64
+    };
     shared::add_outcomes(count(JobState::RetryScheduled), count(JobState::Failed));
 }
 
