@@ -34,6 +34,8 @@ pub mod spi_plans;
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 // PL/pgSQL: a thin trigger over queue.enqueue(), whose checks and wake-up it reuses.
 extension_sql_file!("../sql/enqueue_row.sql", name = "enqueue_row");
+// Roles, grants, SECURITY DEFINER and the fixed search_path: after every function exists.
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
