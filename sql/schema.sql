@@ -9,12 +9,13 @@ CREATE TABLE queue.queues (
     backoff_max  interval CHECK (backoff_max >= interval '0'),
     lease        interval CHECK (lease > interval '0'),
     paused       boolean NOT NULL DEFAULT false,
-    -- How long finished jobs stay in queue.jobs, counted from when they finished.
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    -- How long finished jobs stay in queue.jobs, counted from when they finished. (Last, where
+    -- an upgrade from 0.1.0 adds them.)
     completed_retention interval CHECK (completed_retention >= interval '0'),
     dead_retention      interval CHECK (dead_retention >= interval '0'),
-    cancelled_retention interval CHECK (cancelled_retention >= interval '0'),
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    updated_at   timestamptz NOT NULL DEFAULT now()
+    cancelled_retention interval CHECK (cancelled_retention >= interval '0')
 );
 
 CREATE TABLE queue.jobs (
