@@ -44,11 +44,15 @@ def test_redis_outage_is_logged_once_per_change(db, r):
     with open(log) as f:
         f.seek(size)
         new = f.read()
-    # Once per change, by each of the two workers that hold a Redis connection.
-    for worker in ("queue_pg bridge:", "queue_pg reports:"):
-        assert new.count(f"{worker} Redis at redis://127.0.0.1") == 2, new
-        assert new.count(f"{worker} Redis at redis://127.0.0.1:{ENV['QPG_REDIS_PORT']} unreachable") == 1, new
-        assert new.count("reachable again") == 2, new
+    # Once per change by the bridge; the report applier, which holds a connection of its own,
+    # notices the outage only if it reads meanwhile (it idles while no queue is known), and then
+    # also once.
+    url = f"Redis at redis://127.0.0.1:{ENV['QPG_REDIS_PORT']}"
+    assert new.count(f"queue_pg bridge: {url} unreachable") == 1, new
+    assert new.count(f"queue_pg bridge: {url} reachable again") == 1, new
+    applier = (new.count(f"queue_pg reports: {url} unreachable"),
+               new.count(f"queue_pg reports: {url} reachable again"))
+    assert applier in ((0, 0), (1, 1)), new
 
 
 def test_bridge_killed_mid_drain_restarts_and_every_job_arrives(db, r):
