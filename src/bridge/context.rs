@@ -101,6 +101,15 @@ pub fn start_worker(session: &[&str]) -> String {
     database
 }
 
+/// Whether SIGHUP arrived since the last call; if so, the configuration file has been reread.
+pub fn config_reloaded() -> bool {
+    if !BackgroundWorker::sighup_received() {
+        return false;
+    }
+    unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    true
+}
+
 /// Runs `f` in a transaction of its own with an SPI connection. An ERROR or panic inside is
 /// published as the bridge's last error (for `queue.health()`) before it ends the bridge, which
 /// the postmaster then restarts; Postgres logs it.

@@ -20,7 +20,7 @@
 //! and the postmaster restarts the bridge after its restart time. Jobs are marked only after
 //! Redis acknowledged them, so no exit path loses one.
 
-use super::context::{start_worker, Context};
+use super::context::{config_reloaded, start_worker, Context};
 use super::dispatch::Dispatch;
 use super::maintenance::Maintenance;
 use super::memory_check::MemoryCheck;
@@ -128,8 +128,7 @@ impl Bridge {
             if shutdown_requested() {
                 return false;
             }
-            if BackgroundWorker::sighup_received() {
-                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if config_reloaded() {
                 self.cx.reload();
             }
             let Some(last) = self.last_cycle else {

@@ -37,9 +37,15 @@ use std::time::Duration;
 
 /// Registers the bridge with the postmaster. Called from `_PG_init` when preloaded.
 pub fn register() {
-    BackgroundWorkerBuilder::new("queue_pg bridge")
-        .set_type("queue_pg bridge")
-        .set_function("queue_pg_bridge_main")
+    register_worker("queue_pg bridge", "queue_pg_bridge_main");
+}
+
+/// Registers one of the extension's background workers (`name` is also its `backend_type`),
+/// started once recovery finished and again 1 s after any exit.
+pub fn register_worker(name: &str, function: &str) {
+    BackgroundWorkerBuilder::new(name)
+        .set_type(name)
+        .set_function(function)
         .set_library("queue_pg")
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::RecoveryFinished)

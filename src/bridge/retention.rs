@@ -5,7 +5,7 @@
 //! leaves an outbox row (`pruned`) so that state sync removes its dead-letter entry and marker
 //! from Redis. Part of the maintenance duty, every poll interval.
 
-use crate::lifecycle::Sql;
+use crate::lifecycle::{queues_in_state, Sql};
 use crate::settings;
 use crate::spi_plans::{self, types::INT8};
 use pgrx::spi::SpiClient;
@@ -20,18 +20,9 @@ const BATCH: i64 = 5000;
 macro_rules! prune_sql {
     ($state:literal, $at:literal, $column:literal, $then:literal) => {
         concat!(
-            "WITH RECURSIVE names(queue_name) AS (
-                (SELECT queue_name FROM queue.jobs WHERE status = ",
-            $state,
-            "
-                 ORDER BY queue_name LIMIT 1)
-                UNION ALL
-                SELECT (SELECT j.queue_name FROM queue.jobs j
-                        WHERE j.status = ",
-            $state,
-            " AND j.queue_name > n.queue_name
-                        ORDER BY j.queue_name LIMIT 1)
-                FROM names n WHERE n.queue_name IS NOT NULL),
+            "WITH RECURSIVE ",
+            queues_in_state!($state),
+            ",
             victims AS (
                 SELECT v.id FROM names n
                 LEFT JOIN queue.queues q ON q.queue_name = n.queue_name

@@ -16,6 +16,7 @@ pub mod report_rule;
 mod sql;
 pub mod transitions;
 
+pub(crate) use sql::queues_in_state;
 pub use sql::Sql;
 
 use crate::spi_plans::types::INT8_ARRAY;

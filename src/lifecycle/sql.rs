@@ -7,6 +7,29 @@ use super::{JobState, Priority};
 use std::ops::Deref;
 use std::sync::OnceLock;
 
+/// A recursive CTE `names(queue_name)` for a `WITH RECURSIVE` clause: the queues holding jobs
+/// in `$state` (a placeholder such as `"{migrated}"`), found by a skip scan over an index led by
+/// `queue_name` (one probe per queue, however many jobs each holds). Its last row is NULL.
+macro_rules! queues_in_state {
+    ($state:literal) => {
+        concat!(
+            "names(queue_name) AS (
+                (SELECT queue_name FROM queue.jobs WHERE status = ",
+            $state,
+            "
+                 ORDER BY queue_name LIMIT 1)
+                UNION ALL
+                SELECT (SELECT j.queue_name FROM queue.jobs j
+                        WHERE j.status = ",
+            $state,
+            " AND j.queue_name > n.queue_name
+                        ORDER BY j.queue_name LIMIT 1)
+                FROM names n WHERE n.queue_name IS NOT NULL)"
+        )
+    };
+}
+pub(crate) use queues_in_state;
+
 /// A statement whose text is rendered once, on first use, and then lives as long as the process
 /// (so `spi_plans` can keep its prepared plan under the text's address).
 pub struct Sql {

@@ -28,9 +28,11 @@ fn health() -> JsonB {
     let redis = probe(&names);
     let bridge = shared::status();
     let applier = reports_shared::status();
-    let mut doc = document(&queues, lag_ms, &redis, bridge.as_ref());
-    add_reports(&mut doc, &queues, &redis, applier.as_ref(), &rejected);
-    JsonB(doc)
+    let reports = Reports {
+        applier: applier.as_ref(),
+        rejected: &rejected,
+    };
+    JsonB(document(&queues, lag_ms, &redis, bridge.as_ref(), &reports))
 }
 
 /// What health() says of the report applier.
@@ -45,52 +47,32 @@ pub fn applier_state(applier: Option<&ReportsStatus>) -> &'static str {
 /// A waiting report older than this makes health() `degraded`.
 const REPORT_AGE_DEGRADED_MS: i64 = 10_000;
 
-/// The worker fast path: per queue, reports waiting in Redis and the oldest one's age; the
-/// applier's state, totals and last apply lag; rejected reports by reason. A stopped applier is
-/// `unhealthy` (reports pile up in Redis), an old waiting report `degraded`.
-fn add_reports(
-    doc: &mut Value,
-    queues: &[QueueFigures],
-    redis: &RedisProbe,
-    applier: Option<&ReportsStatus>,
-    rejected: &[(String, String, i64)],
-) {
-    let mut oldest = None::<i64>;
-    for (i, q) in queues.iter().enumerate() {
-        let stream = redis.reports.get(i);
-        if let Some(age) = stream.and_then(|s| s.oldest_age_ms) {
-            oldest = Some(oldest.map_or(age, |o| o.max(age)));
-        }
-        if let Some(figures) = doc["queues"][&q.queue].as_object_mut() {
-            figures.insert("migrated".into(), json!(q.migrated));
-            figures.insert("reports_waiting".into(), json!(stream.map(|s| s.waiting)));
-            figures.insert(
-                "oldest_report_age_ms".into(),
-                json!(stream.and_then(|s| s.oldest_age_ms)),
-            );
-        }
-    }
+/// The worker fast path as health() sees it: the applier's status, and the rejected reports
+/// (queue, reason, count).
+struct Reports<'a> {
+    applier: Option<&'a ReportsStatus>,
+    rejected: &'a [(String, String, i64)],
+}
+
+/// The `reports` section: the applier's state, totals and last apply lag, the oldest waiting
+/// report (`oldest_ms`, over all queues), rejected reports by reason.
+fn reports_section(reports: &Reports<'_>, oldest_ms: Option<i64>) -> Value {
+    let applier = reports.applier;
     let mut by_reason = std::collections::BTreeMap::<&str, i64>::new();
-    for (_, reason, n) in rejected {
+    for (_, reason, n) in reports.rejected {
         *by_reason.entry(reason).or_default() += n;
     }
-    let state = applier_state(applier);
-    doc["reports"] = json!({
-        "applier": state,
+    json!({
+        "applier": applier_state(applier),
         "pid": applier.map(|a| a.pid).filter(|&p| p != 0),
-        "oldest_waiting_ms": oldest,
+        "oldest_waiting_ms": oldest_ms,
         "last_apply_lag_ms": applier.filter(|a| a.last_batch_us > 0).map(|a| a.last_lag_us as f64 / 1000.0),
         "last_batch_at": applier.filter(|a| a.last_batch_us > 0).map(|a| {
             iso_utc(UNIX_EPOCH + Duration::from_micros(a.last_batch_us as u64))
         }),
         "applied_total": applier.map(|a| a.applied_total),
         "rejected": by_reason,
-    });
-    if state != "running" {
-        doc["status"] = json!("unhealthy");
-    } else if oldest.is_some_and(|ms| ms > REPORT_AGE_DEGRADED_MS) && doc["status"] == "healthy" {
-        doc["status"] = json!("degraded");
-    }
+    })
 }
 
 /// What health() says of the bridge.
@@ -133,6 +115,7 @@ fn document(
     lag_ms: i64,
     redis: &RedisProbe,
     bridge: Option<&BridgeStatus>,
+    reports: &Reports<'_>,
 ) -> Value {
     let now = SystemTime::now();
     let sum = |f: fn(&QueueFigures) -> i64| queues.iter().map(f).sum::<i64>();
@@ -154,6 +137,7 @@ fn document(
     let bridge_status = bridge_state(bridge);
 
     let mut per_queue = Map::new();
+    let mut oldest_report_ms = None::<i64>;
     for (i, q) in queues.iter().enumerate() {
         // Unknown while Redis cannot be asked: null, not 0.
         let lists = redis.lists.get(i).copied();
@@ -170,12 +154,24 @@ fn document(
             figures.insert(state.as_str().into(), json!(n));
         }
         figures.insert("oldest_age_s".into(), json!(q.oldest_age_s));
+        figures.insert("migrated".into(), json!(q.migrated));
+        let stream = redis.reports.get(i);
+        figures.insert("reports_waiting".into(), json!(stream.map(|s| s.waiting)));
+        let oldest_report = stream.and_then(|s| s.oldest_age_ms);
+        figures.insert("oldest_report_age_ms".into(), json!(oldest_report));
+        oldest_report_ms = oldest_report_ms.max(oldest_report);
         per_queue.insert(q.queue.clone(), Value::Object(figures));
     }
 
-    let status = if !redis_ok || bridge_status != BridgeState::Running {
+    // A stopped applier leaves reports piling up in Redis; an old waiting report means it lags.
+    let applier_running = applier_state(reports.applier) == "running";
+    let status = if !redis_ok || bridge_status != BridgeState::Running || !applier_running {
         "unhealthy"
-    } else if lag_ms > 10_000 || memory_pct.is_some_and(|p| p > 80.0) || failed > 0 {
+    } else if lag_ms > 10_000
+        || memory_pct.is_some_and(|p| p > 80.0)
+        || failed > 0
+        || oldest_report_ms.is_some_and(|ms| ms > REPORT_AGE_DEGRADED_MS)
+    {
         "degraded"
     } else {
         "healthy"
@@ -211,5 +207,6 @@ fn document(
             "errors_total": bridge.map(|b| b.errors_total),
             "last_error": bridge.and_then(|b| b.last_error.clone()),
         },
+        "reports": reports_section(reports, oldest_report_ms),
     })
 }

@@ -28,11 +28,16 @@ impl Applied {
     }
 
     fn reject(&mut self, queue: &str, reason: Reject, job_id: Option<i64>) {
+        self.count_rejected(queue, reason, 1, job_id);
+    }
+
+    /// Adds `n` rejected reports of `queue` for `reason`, the last of them about `job_id`.
+    pub fn count_rejected(&mut self, queue: &str, reason: Reject, n: i64, job_id: Option<i64>) {
         let slot = self
             .rejected
             .entry((queue.to_owned(), reason))
             .or_insert((0, None));
-        slot.0 += 1;
+        slot.0 += n;
         slot.1 = job_id.or(slot.1);
     }
 }

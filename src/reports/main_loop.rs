@@ -19,7 +19,7 @@
 use super::apply::{apply, Applied};
 use super::shared;
 use super::streams::Streams;
-use crate::bridge::context::{in_transaction, start_worker};
+use crate::bridge::context::{config_reloaded, in_transaction, start_worker};
 use crate::bridge::redis_link::RedisLink;
 use crate::bridge::shared::{self as bridge_shared, shutdown_requested, unix_micros};
 use crate::bridge::timer::Every;
@@ -29,7 +29,6 @@ use crate::redis::{Conn, Keys};
 use crate::settings;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// How long one read blocks waiting for reports.
@@ -93,8 +92,7 @@ impl Applier {
             if shutdown_requested() {
                 return false;
             }
-            if BackgroundWorker::sighup_received() {
-                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if config_reloaded() {
                 self.keys = Keys::new(settings::redis_prefix());
                 self.streams.rename(&self.keys);
                 self.link.reload();
@@ -237,31 +235,31 @@ fn remove(con: &mut Conn, entries: &[(String, Vec<String>)]) -> Result<(), Strin
 /// Rejected reports, logged at most once per `REJECT_LOG_EVERY` with what came since.
 #[derive(Default)]
 struct RejectLog {
-    pending: BTreeMap<(String, &'static str), (i64, Option<i64>)>,
+    pending: Applied,
     last: Option<Instant>,
 }
 
 impl RejectLog {
     fn add(&mut self, applied: &Applied) {
         for ((queue, reason), (n, job)) in &applied.rejected {
-            let slot = self
-                .pending
-                .entry((queue.clone(), reason.as_str()))
-                .or_insert((0, None));
-            slot.0 += n;
-            slot.1 = job.or(slot.1);
+            self.pending.count_rejected(queue, *reason, *n, *job);
         }
     }
 
     fn maybe_log(&mut self, now: Instant) {
-        if self.pending.is_empty() || self.last.is_some_and(|at| now < at + REJECT_LOG_EVERY) {
+        let pending = &self.pending.rejected;
+        if pending.is_empty() || self.last.is_some_and(|at| now < at + REJECT_LOG_EVERY) {
             return;
         }
         let parts: Vec<String> = std::mem::take(&mut self.pending)
+            .rejected
             .into_iter()
-            .map(|((queue, reason), (n, job))| match job {
-                Some(id) => format!("{n} {reason} in queue {queue} (last: job {id})"),
-                None => format!("{n} {reason} in queue {queue}"),
+            .map(|((queue, reason), (n, job))| {
+                let reason = reason.as_str();
+                match job {
+                    Some(id) => format!("{n} {reason} in queue {queue} (last: job {id})"),
+                    None => format!("{n} {reason} in queue {queue}"),
+                }
             })
             .collect();
         warning!(

@@ -18,17 +18,7 @@ pub mod main_loop;
 pub mod shared;
 pub mod streams;
 
-use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
-use std::time::Duration;
-
 /// Registers the applier with the postmaster. Called from `_PG_init` when preloaded.
 pub fn register() {
-    BackgroundWorkerBuilder::new("queue_pg reports")
-        .set_type("queue_pg reports")
-        .set_function("queue_pg_reports_main")
-        .set_library("queue_pg")
-        .enable_spi_access()
-        .set_start_time(BgWorkerStartTime::RecoveryFinished)
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
+    crate::bridge::register_worker("queue_pg reports", "queue_pg_reports_main");
 }

@@ -7,7 +7,7 @@
 //! applier runs.
 
 use crate::bridge::context::extension_present;
-use crate::lifecycle::Sql;
+use crate::lifecycle::{queues_in_state, Sql};
 use crate::redis::Keys;
 use crate::spi_plans::{required, with_plan};
 use pgrx::spi::SpiClient;
@@ -16,22 +16,16 @@ use std::collections::BTreeSet;
 // The queues of waiting and running jobs by a skip scan over the partial index of migrated jobs
 // (one probe per queue), plus the named ones; `$1`: also look at queued and running jobs the
 // slow way (once, at start).
-static QUEUES: Sql = Sql::new(
+static QUEUES: Sql = Sql::new(concat!(
+    "WITH RECURSIVE ",
+    queues_in_state!("{migrated}"),
     "
-    WITH RECURSIVE migrated(queue_name) AS (
-        (SELECT queue_name FROM queue.jobs WHERE status = {migrated}
-         ORDER BY queue_name LIMIT 1)
-        UNION ALL
-        SELECT (SELECT j.queue_name FROM queue.jobs j
-                WHERE j.status = {migrated} AND j.queue_name > m.queue_name
-                ORDER BY j.queue_name LIMIT 1)
-        FROM migrated m WHERE m.queue_name IS NOT NULL)
-    SELECT queue_name FROM migrated WHERE queue_name IS NOT NULL
+    SELECT queue_name FROM names WHERE queue_name IS NOT NULL
     UNION SELECT queue_name FROM queue.queues
     UNION SELECT queue_name FROM queue.stats
     UNION SELECT DISTINCT queue_name FROM queue.jobs
-          WHERE $1 AND status IN ({queued}, {running})",
-);
+          WHERE $1 AND status IN ({queued}, {running})"
+));
 
 /// The watched streams, in a fixed order, with the id each read continues after.
 #[derive(Default)]
