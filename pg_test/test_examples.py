@@ -93,6 +93,9 @@ def test_a_mixed_batch_ends_completed_or_dead_lettered(db, r, lang):
         row = db.execute("SELECT status, attempt_count, result FROM queue.jobs WHERE id = %s", (job_id,)).fetchone()
         assert row[0] == "completed" and row[1] == 0, (job_id, row)
         assert row[2] == {"worker": name, "attempt": 1}
+    # The bridge pushes dead-letter entries shortly after the commit that killed the job.
+    wait_for(lambda: {json.loads(e)["id"] for e in r.lrange(f"{PREFIX}:deadletter:queue", 0, -1)}
+             >= set(failing), what="the dead-letter entries")
     dead_letters = [json.loads(e) for e in r.lrange(f"{PREFIX}:deadletter:queue", 0, -1)]
     for job_id, message in failing.items():
         row = db.execute("SELECT status, attempt_count, last_error_message, errors FROM queue.jobs WHERE id = %s",

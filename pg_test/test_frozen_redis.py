@@ -88,7 +88,9 @@ def test_the_bridge_waits_without_a_transaction_and_delivers_after_the_thaw(db, 
     with Frozen():
         ids = [x[0] for x in db.execute(
             "SELECT * FROM queue.enqueue_many('thaw', (SELECT jsonb_agg(g) FROM generate_series(1, 200) g))")]
-        # Sampled over the freeze: the bridge, blocked on Redis, holds no transaction.
+        # Sampled over the freeze, once the bridge has read the batch and is blocked on Redis:
+        # it holds no transaction while it waits.
+        time.sleep(0.5)
         samples = []
         for _ in range(25):
             samples.append(bridge_transaction(db))
