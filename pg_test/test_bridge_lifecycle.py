@@ -35,7 +35,7 @@ def test_sighup_rereads_settings(db, r):
     with open(log_path) as f:
         f.seek(offset)
         port = r.connection_pool.connection_kwargs["port"]
-        assert f"queue.redis_url changed to redis://127.0.0.1:{port}" in f.read()
+        assert f"Redis connection settings changed; now redis://127.0.0.1:{port}" in f.read()
 
 
 def test_redis_password_never_logged(db, r):

@@ -23,6 +23,9 @@ cargo clippy --manifest-path examples/rust/Cargo.toml --release --quiet -- -D wa
 echo "==> unit tests (cargo test)"
 cargo test --release --lib --quiet
 
+echo "==> the previous release, built from its tag, for the upgrade test"
+scripts/build_release.sh 0.1.0
+
 echo "==> Python test dependencies and the Python example's (.venv)"
 [ -x .venv/bin/pip ] || python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check -r pg_test/requirements.txt \

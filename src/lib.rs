@@ -22,6 +22,7 @@ use pgrx::prelude::*;
 
 pub mod api;
 pub mod bridge;
+pub mod extension;
 pub mod lifecycle;
 pub mod monitor;
 pub mod redis;

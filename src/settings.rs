@@ -9,6 +9,11 @@ use std::time::Duration;
 
 pub static REDIS_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
+pub static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static REDIS_TLS_INSECURE_SKIP_VERIFY: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static REDIS_PASSWORD_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static REDIS_PREFIX: GucSetting<Option<CString>> =
@@ -43,8 +48,34 @@ pub fn register() {
     GucRegistry::define_string_guc(
         c"queue.redis_url",
         c"Redis URL the bridge and queue_pg's SQL functions connect to.",
-        c"redis://[:password@]host:port[/db]. Only superusers can read or set it.",
+        c"redis[s]://[user[:password]@]host:port[/db] (rediss: TLS). Only superusers can read or set it.",
         &REDIS_URL,
+        Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"queue.redis_tls_ca_file",
+        c"PEM file of the certificates that may sign the Redis server's (rediss:// URLs).",
+        c"Empty: the system's certificate store.",
+        &REDIS_TLS_CA_FILE,
+        Sighup,
+        none,
+    );
+    GucRegistry::define_bool_guc(
+        c"queue.redis_tls_insecure_skip_verify",
+        c"INSECURE: accept any certificate from the Redis server (self-signed test setups only).",
+        c"Anyone between Postgres and Redis can then read and change the traffic.",
+        &REDIS_TLS_INSECURE_SKIP_VERIFY,
+        Sighup,
+        none,
+    );
+    // Members of pg_read_all_settings (pg_monitor) can read superuser-only settings, so a
+    // password in queue.redis_url is visible to them; a file's content is not.
+    GucRegistry::define_string_guc(
+        c"queue.redis_password_file",
+        c"File holding the Redis password (its first line), instead of one in queue.redis_url.",
+        c"Read by the server's OS user at each new connection. Only superusers can read or set it.",
+        &REDIS_PASSWORD_FILE,
         Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
@@ -236,6 +267,15 @@ fn string(setting: &GucSetting<Option<CString>>, default: &str) -> String {
 
 pub fn redis_url() -> String {
     string(&REDIS_URL, "redis://127.0.0.1:6379")
+}
+pub fn redis_tls_ca_file() -> String {
+    string(&REDIS_TLS_CA_FILE, "")
+}
+pub fn redis_tls_insecure_skip_verify() -> bool {
+    REDIS_TLS_INSECURE_SKIP_VERIFY.get()
+}
+pub fn redis_password_file() -> String {
+    string(&REDIS_PASSWORD_FILE, "")
 }
 pub fn database() -> String {
     string(&DATABASE, "postgres")

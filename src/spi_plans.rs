@@ -30,20 +30,47 @@ thread_local! {
 
 /// Runs `f` with the kept plan of `sql`, preparing it on first use in this backend.
 /// Plans are prepared as read-write; Postgres re-plans them itself when the schema changes.
+/// Before the backend's first plan, the extension's SQL objects must be at the library's version
+/// (an ERROR that says so, not a statement failing on another release's schema).
 pub fn with_plan<'conn, R>(
     client: &mut SpiClient<'conn>,
     sql: &'static str,
     arg_types: &[PgOid],
     f: impl FnOnce(&mut SpiClient<'conn>, &OwnedPreparedStatement) -> R,
 ) -> R {
+    run_kept(client, sql, arg_types, true, f)
+}
+
+/// [`with_plan`] without the version check: for the check itself.
+pub(crate) fn with_plan_unchecked<'conn, R>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static str,
+    arg_types: &[PgOid],
+    f: impl FnOnce(&mut SpiClient<'conn>, &OwnedPreparedStatement) -> R,
+) -> R {
+    run_kept(client, sql, arg_types, false, f)
+}
+
+fn run_kept<'conn, R>(
+    client: &mut SpiClient<'conn>,
+    sql: &'static str,
+    arg_types: &[PgOid],
+    check_version: bool,
+    f: impl FnOnce(&mut SpiClient<'conn>, &OwnedPreparedStatement) -> R,
+) -> R {
     let key = (sql.as_ptr() as usize, sql.len());
     let plan = PLANS.with(|plans| plans.borrow_mut().remove(&key));
     let plan = match plan {
         Some(plan) => plan,
-        None => client
-            .prepare_mut(sql, arg_types)
-            .unwrap_or_else(|e| pgrx::error!("queue_pg: preparing a statement failed: {e}"))
-            .keep(),
+        None => {
+            if check_version {
+                crate::extension::check_once(client);
+            }
+            client
+                .prepare_mut(sql, arg_types)
+                .unwrap_or_else(|e| pgrx::error!("queue_pg: preparing a statement failed: {e}"))
+                .keep()
+        }
     };
     // Taken out while in use, so a nested call cannot alias it; put back afterwards.
     let result = f(client, &plan);

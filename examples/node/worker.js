@@ -9,7 +9,9 @@
 //   REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports node worker.js
 //
 // Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so
-// make handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL,
+// make handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL
+// (rediss:// for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a PEM
+// file of the CAs that may sign the server's certificate; default: the system's),
 // QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
 // SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
 // and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for the fast
@@ -24,6 +26,7 @@ const { Client } = require('pg');
 const DATABASE_URL = process.env.DATABASE_URL || 'postgresql://postgres@127.0.0.1:5432/postgres';
 const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
 const QUEUES = (process.env.QUEUES || 'default').split(',').filter(Boolean);
+const REDIS_TLS_CA_FILE = process.env.REDIS_TLS_CA_FILE;
 const PREFIX = process.env.QUEUE_PG_PREFIX || 'queue_pg';
 const SHUTDOWN_GRACE_MS = 1000 * Number(process.env.SHUTDOWN_GRACE_S || '10');
 const PATH = process.env.QUEUE_PG_PATH || 'fast';
@@ -146,7 +149,9 @@ async function main() {
     for (const queue of QUEUES) keys.push(`${PREFIX}:{${queue}}:${priority}`);
   }
   // Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
-  const redis = new Redis(REDIS_URL, { connectTimeout: 5000, commandTimeout: 5000 });
+  const options = { connectTimeout: 5000, commandTimeout: 5000 };
+  if (REDIS_TLS_CA_FILE) options.tls = { ca: require('fs').readFileSync(REDIS_TLS_CA_FILE) };
+  const redis = new Redis(REDIS_URL, options);
   if (PATH === 'fast') {
     await mainFast(redis, keys);
     redis.disconnect();

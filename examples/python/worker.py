@@ -9,8 +9,9 @@
     REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports python worker.py
 
 Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so make
-handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL, QUEUES
-(comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
+handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL (rediss://
+for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a PEM file of the
+CAs that may sign the server's certificate; default: the system's), QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
 SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
 and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for the fast path
 BATCH (10: jobs per pop) and LEASE_S (30: a job still running after a third of it is reported
@@ -32,6 +33,7 @@ from psycopg.types.json import Jsonb
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 QUEUES = [q for q in os.environ.get("QUEUES", "default").split(",") if q]
+REDIS_TLS_CA_FILE = os.environ.get("REDIS_TLS_CA_FILE")
 PREFIX = os.environ.get("QUEUE_PG_PREFIX", "queue_pg")
 SHUTDOWN_GRACE_S = float(os.environ.get("SHUTDOWN_GRACE_S", "10"))
 PATH = os.environ.get("QUEUE_PG_PATH", "fast")
@@ -187,7 +189,8 @@ def main():
     signal.signal(signal.SIGINT, on_signal)
     keys = [f"{PREFIX}:{{{q}}}:{p}" for p in ("high", "normal", "low") for q in QUEUES]
     # Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
-    r = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    tls = {"ssl_ca_certs": REDIS_TLS_CA_FILE} if REDIS_TLS_CA_FILE else {}
+    r = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5, **tls)
     if PATH == "fast":
         main_fast(r, keys)
         r.close()

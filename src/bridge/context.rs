@@ -3,20 +3,19 @@
 
 use super::redis_link::RedisLink;
 use super::shared;
+use crate::extension::{self, Installed};
 use crate::redis::Keys;
 use crate::settings;
-use crate::spi_plans::with_plan;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
+use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
 
 pub struct Context {
     pub redis: RedisLink,
     pub keys: Keys,
     pub read_from: ReadFrom,
-    /// Whether the extension exists in the bridge's database, as last logged.
-    extension_present: Option<bool>,
 }
 
 impl Context {
@@ -25,7 +24,6 @@ impl Context {
             redis: RedisLink::from_settings(),
             keys: Keys::new(settings::redis_prefix()),
             read_from: ReadFrom::default(),
-            extension_present: None,
         }
     }
 
@@ -33,22 +31,6 @@ impl Context {
     pub fn reload(&mut self) {
         self.keys = Keys::new(settings::redis_prefix());
         self.redis.reload();
-    }
-
-    /// Logs when the extension appears or goes away.
-    pub fn note_extension(&mut self, present: bool) {
-        if self.extension_present == Some(present) {
-            return;
-        }
-        if !present {
-            log!(
-                "queue_pg bridge: extension queue_pg is not installed in database \"{}\"; waiting for CREATE EXTENSION queue_pg",
-                settings::database()
-            );
-        } else if self.extension_present.is_some() {
-            log!("queue_pg bridge: extension queue_pg found; dispatching");
-        }
-        self.extension_present = Some(present);
     }
 }
 
@@ -89,8 +71,9 @@ impl ReadFrom {
 
 /// The start of each of the extension's background workers: signal handlers (SIGHUP, SIGTERM),
 /// a connection to `queue.database`, and the session settings it runs with (`SET` statements).
-/// Returns the database's name.
-pub fn start_worker(session: &[&str]) -> String {
+/// `name` starts its log lines. Returns the database's name.
+pub fn start_worker(name: &'static str, session: &[&str]) -> String {
+    WORKER.with(|w| w.name.set(name));
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
@@ -147,15 +130,50 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "the bridge panicked".into())
 }
 
-const EXTENSION_PRESENT: &str =
-    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'queue_pg')";
+thread_local! {
+    static WORKER: Worker = const {
+        Worker {
+            name: Cell::new("queue_pg"),
+            found: RefCell::new(None),
+        }
+    };
+}
 
-/// Whether `CREATE EXTENSION queue_pg` has run in the bridge's database. Every duty checks in
-/// its first transaction, so a dropped extension means waiting, not an ERROR.
-pub fn extension_present(client: &mut SpiClient<'_>) -> bool {
-    with_plan(client, EXTENSION_PRESENT, &[], |client, plan| {
-        client.select(plan, Some(1), &[])?.first().get_one::<bool>()
-    })
-    .map(|present| present == Some(true))
-    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: checking for the extension failed: {e}"))
+/// This background worker process: its name, and what it last found of the extension.
+struct Worker {
+    name: Cell<&'static str>,
+    found: RefCell<Option<Installed>>,
+}
+
+/// Whether the extension's SQL objects are there, at the library's version, in the worker's
+/// database. Every duty checks in its first transaction: a missing extension, or one still at
+/// another release's version (the library was replaced, `ALTER EXTENSION queue_pg UPDATE` not
+/// yet run), means waiting, not an ERROR. Logs each change of what it finds.
+pub fn extension_ready(client: &mut SpiClient<'_>) -> bool {
+    let found = extension::installed(client)
+        .unwrap_or_else(|e| pgrx::error!("queue_pg: checking for the extension failed: {e}"));
+    let ready = found.ready();
+    WORKER.with(|w| {
+        let mut last = w.found.borrow_mut();
+        if last.as_ref() == Some(&found) {
+            return;
+        }
+        let name = w.name.get();
+        let database = settings::database();
+        match &found {
+            Installed::Missing => log!(
+                "{name}: extension queue_pg is not installed in database \"{database}\"; waiting for CREATE EXTENSION queue_pg"
+            ),
+            Installed::At(v) if !ready => warning!(
+                "{name}: waiting in database \"{database}\": {}",
+                extension::mismatch_message(v)
+            ),
+            Installed::At(v) if last.is_some() => {
+                log!("{name}: extension queue_pg {v} found in database \"{database}\"; working")
+            }
+            Installed::At(_) => {}
+        }
+        *last = Some(found);
+    });
+    ready
 }

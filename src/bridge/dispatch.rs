@@ -12,7 +12,7 @@
 //! every `SWEEP_INTERVAL` and looks at `push::SWEEP_IDS` ids per drain, so that no drain walks a
 //! whole paused backlog.
 
-use super::context::{extension_present, in_transaction, Context};
+use super::context::{extension_ready, in_transaction, Context};
 use super::promote;
 use super::push::{self, InFlight, Job, Pushed};
 use super::report::{Count, Level};
@@ -72,8 +72,7 @@ impl Dispatch {
             let opened = opening.take();
             let step = in_transaction(|client| Step::run(client, opened, marking, read, limit));
             if let Some(o) = &step.opening {
-                cx.note_extension(o.extension_present);
-                if !o.extension_present {
+                if !o.extension_ready {
                     redis_ok = false; // nothing read: the next drain starts here again
                     break;
                 }
@@ -124,7 +123,7 @@ impl Dispatch {
 
 /// What the drain's first transaction found besides a batch.
 struct Opening {
-    extension_present: bool,
+    extension_ready: bool,
     /// The lowest id below the read position that became `queued`: promoted, or found by the
     /// sweep.
     also_from: Option<i64>,
@@ -151,7 +150,7 @@ impl Step {
         limit: usize,
     ) -> Step {
         let opening = opening.map(|sweep| open(client, sweep));
-        if opening.as_ref().is_some_and(|o| !o.extension_present) {
+        if opening.as_ref().is_some_and(|o| !o.extension_ready) {
             return Step {
                 opening,
                 batch: Vec::new(),
@@ -178,9 +177,9 @@ impl Step {
 
 /// The drain's opening: is the extension there; promote due jobs; a step of the sweep.
 fn open(client: &mut SpiClient<'_>, sweep: Option<i64>) -> Opening {
-    if !extension_present(client) {
+    if !extension_ready(client) {
         return Opening {
-            extension_present: false,
+            extension_ready: false,
             also_from: None,
             sweep_next: None,
         };
@@ -193,7 +192,7 @@ fn open(client: &mut SpiClient<'_>, sweep: Option<i64>) -> Opening {
         sweep_next = next;
     }
     Opening {
-        extension_present: true,
+        extension_ready: true,
         also_from,
         sweep_next,
     }

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 pub extern "C-unwind" fn queue_pg_bridge_main(_arg: pg_sys::Datum) {
     // Losing a `migrated` mark in a crash only means pushing that job again (at-least-once),
     // so the bridge's own commits need not wait for the WAL flush.
-    let database = start_worker(&["SET synchronous_commit = off"]);
+    let database = start_worker("queue_pg bridge", &["SET synchronous_commit = off"]);
     shared::publish_bridge_process();
     log!("queue_pg bridge: started in database \"{database}\"");
 
@@ -176,7 +176,7 @@ impl Bridge {
         let cx = &mut self.cx;
         cx.redis.connect();
         if self.maintenance.due(now) {
-            report::log(&self.maintenance.run(cx, now));
+            report::log(&self.maintenance.run(now));
         }
         if self.redis_loss.due(cx, now) {
             report::log(&self.redis_loss.run(cx, now));

@@ -4,7 +4,7 @@
 //! fail their attempt by the backoff rule ("lease expired"), and finished jobs older than their
 //! retention are pruned in bounded batches (`retention`).
 
-use super::context::{extension_present, in_transaction, Context};
+use super::context::{extension_ready, in_transaction};
 use super::outcomes;
 use super::report::{Count, Level};
 use super::retention;
@@ -44,11 +44,11 @@ impl Maintenance {
         self.every.next(settings::poll_interval())
     }
 
-    pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
+    pub fn run(&mut self, now: Instant) -> Vec<Count> {
         self.every.ran(now);
         let fold = self.fold.due(FOLD_INTERVAL, now);
         let done = in_transaction(|client| {
-            extension_present(client).then(|| {
+            extension_ready(client).then(|| {
                 outcomes::count_waiting(client);
                 if fold {
                     outcomes::fold(client);
@@ -57,7 +57,6 @@ impl Maintenance {
             })
         });
         let Some((expired, pruned)) = done else {
-            cx.note_extension(false);
             return Vec::new();
         };
         if fold {

@@ -2,7 +2,7 @@
 //! while Redis is unreachable, and logs once per change of state (never once per attempt).
 
 use super::shared;
-use crate::redis::{redact, Conn};
+use crate::redis::{Conn, Target};
 use crate::settings;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ pub struct RedisLink {
     label: &'static str,
     /// Whether this link's state is the one `health()` shows (the bridge's).
     publish: bool,
-    url: String,
+    target: Target,
     con: Option<Conn>,
     /// While Redis is down: when to try again, and the delay after that.
     retry_at: Option<Instant>,
@@ -36,7 +36,7 @@ impl RedisLink {
         RedisLink {
             label,
             publish,
-            url: settings::redis_url(),
+            target: Target::from_settings(),
             con: None,
             retry_at: None,
             backoff: FIRST_RETRY,
@@ -45,16 +45,16 @@ impl RedisLink {
         }
     }
 
-    /// After a reload: a new URL means a new connection.
+    /// After a reload: a new URL (or TLS or password file setting) means a new connection.
     pub fn reload(&mut self) {
-        let url = settings::redis_url();
-        if url != self.url {
+        let target = Target::from_settings();
+        if target != self.target {
             log!(
-                "{}: queue.redis_url changed to {}",
+                "{}: Redis connection settings changed; now {}",
                 self.label,
-                redact(&url)
+                target.redacted()
             );
-            self.url = url;
+            self.target = target;
             self.con = None;
             self.retry_at = None;
             self.backoff = FIRST_RETRY;
@@ -72,7 +72,7 @@ impl RedisLink {
             let deadline = Instant::now() + settings::redis_timeout();
             // A wait on Redis ends early when the bridge is asked to stop (SIGTERM), so that a
             // fast shutdown stays fast with a frozen Redis.
-            let opened = Conn::open(&self.url, deadline, shared::shutdown_requested)
+            let opened = Conn::open(&self.target, deadline, shared::shutdown_requested)
                 .and_then(|mut con| name_connection(&mut con, self.label).map(|_| con));
             match opened {
                 Ok(con) => {
@@ -85,7 +85,7 @@ impl RedisLink {
                         log!(
                             "{}: Redis at {} reachable{again}",
                             self.label,
-                            redact(&self.url)
+                            self.target.redacted()
                         );
                     }
                     self.reachable = Some(true);
@@ -151,7 +151,7 @@ impl RedisLink {
 
     /// A command failed: drop the connection and back off. Jobs stay in Postgres meanwhile.
     pub fn failed(&mut self, error: String) {
-        let error = crate::redis::conn::scrub(&error, &self.url);
+        let error = self.target.scrub(&error);
         self.con = None;
         if shared::shutdown_requested() {
             return; // the wait was cut short to stop, Redis is not at fault
@@ -165,7 +165,7 @@ impl RedisLink {
             warning!(
                 "{}: Redis at {} unreachable: {error}; {meanwhile}",
                 self.label,
-                redact(&self.url)
+                self.target.redacted()
             );
         }
         if self.publish {

@@ -3,7 +3,7 @@
 //! that no worker started goes back to `queued`, and dispatch pushes it again. Checked on every
 //! new connection, before any other duty uses it, and once per poll interval.
 
-use super::context::{extension_present, in_transaction, Context};
+use super::context::{extension_ready, in_transaction, Context};
 use super::report::{Count, Level};
 use super::timer::Every;
 use crate::lifecycle::Sql;
@@ -44,7 +44,7 @@ impl RedisLoss {
         let mut requeued = 0;
         if missing == Some(true) {
             let n = in_transaction(|client| {
-                extension_present(client).then(|| requeue_all_migrated(client))
+                extension_ready(client).then(|| requeue_all_migrated(client))
             });
             if let Some(n) = n {
                 requeued = n;

@@ -5,7 +5,7 @@
 //! started (its worker died, or dropped it). No per-job bookkeeping is written. Once per poll
 //! interval, while Redis is reachable.
 
-use super::context::{extension_present, in_transaction, Context};
+use super::context::{extension_ready, in_transaction, Context};
 use super::report::{Count, Level};
 use super::timer::Every;
 use crate::lifecycle::{Priority, Sql};
@@ -74,7 +74,7 @@ impl Rescue {
 
     fn pass(&mut self, cx: &mut Context) -> usize {
         let lists =
-            in_transaction(|client| extension_present(client).then(|| migrated_lists(client)));
+            in_transaction(|client| extension_ready(client).then(|| migrated_lists(client)));
         let Some(lists) = lists.filter(|l| !l.is_empty()) else {
             return 0;
         };

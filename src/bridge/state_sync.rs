@@ -5,7 +5,7 @@
 //!
 //! Runs when a commit changed job states, while rows are left over, and once per poll interval.
 
-use super::context::{extension_present, in_transaction, Context};
+use super::context::{extension_ready, in_transaction, Context};
 use super::report::{Count, Level};
 use super::timer::Every;
 use super::{outcomes, shared};
@@ -110,7 +110,7 @@ impl StateSync {
         shared::states_wake_taken();
         if cx.redis.connected() {
             let read = in_transaction(|client| {
-                extension_present(client).then(|| read_changes(client, BATCH))
+                extension_ready(client).then(|| read_changes(client, BATCH))
             });
             // None: the extension is not installed, so there is no outbox to read.
             let mut changes = read.into_iter().flatten().collect::<Vec<_>>();

@@ -4,6 +4,7 @@
 use super::figures::{self, QueueFigures};
 use super::redis_probe::{probe, RedisProbe};
 use crate::bridge::shared::{self, BridgeStatus};
+use crate::extension::{self, Installed, LIBRARY_VERSION};
 use crate::lifecycle::{JobState, Priority};
 use crate::redis::iso_utc;
 use crate::reports::shared::{self as reports_shared, ReportsStatus};
@@ -17,6 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// queue and the bridge.
 #[pg_extern(volatile)]
 fn health() -> JsonB {
+    let installed = Spi::connect_mut(extension::installed);
+    if let Some(problem) = version_problem(&installed) {
+        return JsonB(problem);
+    }
     let (queues, lag_ms, rejected) = Spi::connect_mut(|client| {
         (
             figures::per_queue(client),
@@ -33,6 +38,30 @@ fn health() -> JsonB {
         rejected: &rejected,
     };
     JsonB(document(&queues, lag_ms, &redis, bridge.as_ref(), &reports))
+}
+
+/// The whole document when the library cannot work with the SQL objects it finds (another
+/// release's, before `ALTER EXTENSION queue_pg UPDATE`): nothing else can be read safely.
+fn version_problem(installed: &Result<Installed, String>) -> Option<Value> {
+    let (sql_version, error) = match installed {
+        Ok(found) => {
+            let other = found.other_version()?;
+            (Some(other), extension::mismatch_message(other))
+        }
+        Err(e) => (
+            None,
+            format!("queue_pg: looking up the extension's version failed: {e}"),
+        ),
+    };
+    let bridge = shared::status();
+    Some(json!({
+        "timestamp": iso_utc(SystemTime::now()),
+        "status": "unhealthy",
+        "error": error,
+        "version": LIBRARY_VERSION,
+        "sql_version": sql_version,
+        "bridge": {"status": bridge_state(bridge.as_ref()).as_str()},
+    }))
 }
 
 /// What health() says of the report applier.
@@ -180,6 +209,7 @@ fn document(
     json!({
         "timestamp": iso_utc(now),
         "status": status,
+        "version": LIBRARY_VERSION,
         "redis": {
             "status": if redis_ok { "healthy" } else { "unhealthy" },
             "ping": redis.ping,

@@ -4,30 +4,29 @@
 
 use crate::api::errors::raise;
 use crate::lifecycle::unfinished_among;
-use crate::redis::conn::scrub;
 use crate::redis::upkeep::{memory, trim_dead_letters, Sweep};
-use crate::redis::{connect_for_call, Conn, Keys};
+use crate::redis::{connect_for_call, Conn, Keys, Target};
 use crate::settings;
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use serde_json::json;
 
-fn redis_failed(code: PgSqlErrorCode, error: &str, url: &str) -> ! {
+fn redis_failed(code: PgSqlErrorCode, error: &str, target: &Target) -> ! {
     raise(
         code,
         format!(
             "queue_pg: Redis failed during optimize_memory: {}",
-            scrub(error, url)
+            target.scrub(error)
         ),
     )
 }
 
 /// One Redis step of `optimize_memory`; an ERROR if it fails. Every step shares the call's one
 /// deadline (`queue.redis_timeout` from the start of the call).
-fn call<R>(con: &mut Conn, url: &str, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> R {
+fn call<R>(con: &mut Conn, target: &Target, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> R {
     f(con).unwrap_or_else(|e| {
         check_for_interrupts!(); // a cancelled query says so, not "Redis failed"
-        redis_failed(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &e, url)
+        redis_failed(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &e, target)
     })
 }
 
@@ -52,28 +51,30 @@ fn optimize_memory() -> JsonB {
             ),
         );
     }
-    let url = settings::redis_url();
+    let target = Target::from_settings();
     let keys = Keys::new(settings::redis_prefix());
-    let mut con = connect_for_call(&url).unwrap_or_else(|e| {
+    let mut con = connect_for_call(&target).unwrap_or_else(|e| {
         redis_failed(
             PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             &e,
-            &url,
+            &target,
         )
     });
-    let (memory_before, maxmemory) = call(&mut con, &url, memory);
+    let (memory_before, maxmemory) = call(&mut con, &target, memory);
     let mut sweep = Sweep::new(&keys);
     while !sweep.done() {
         check_for_interrupts!();
-        let ids = call(&mut con, &url, |con| sweep.scan(con));
+        let ids = call(&mut con, &target, |con| sweep.scan(con));
         if ids.is_empty() {
             continue;
         }
         let live = Spi::connect_mut(|client| unfinished_among(client, &ids));
-        call(&mut con, &url, |con| sweep.expire(con, &keys, &ids, &live));
+        call(&mut con, &target, |con| {
+            sweep.expire(con, &keys, &ids, &live)
+        });
     }
-    sweep.report.trimmed = call(&mut con, &url, |con| trim_dead_letters(con, &keys));
-    let (memory_after, _) = call(&mut con, &url, memory);
+    sweep.report.trimmed = call(&mut con, &target, |con| trim_dead_letters(con, &keys));
+    let (memory_after, _) = call(&mut con, &target, memory);
     let r = &sweep.report;
     JsonB(json!({
         "scanned": r.scanned,

@@ -3,8 +3,7 @@
 //! never as ERRORs and never as made-up numbers.
 
 use crate::lifecycle::Priority;
-use crate::redis::conn::scrub;
-use crate::redis::{connect_for_call, info_field, Keys};
+use crate::redis::{connect_for_call, info_field, Keys, Target};
 use crate::settings;
 
 #[derive(Default)]
@@ -33,18 +32,18 @@ pub struct ReportStream {
 /// trip bounded by `queue.redis_timeout` in total (connecting included). A reply of an unexpected
 /// kind is an error, never a number.
 pub fn probe(queues: &[String]) -> RedisProbe {
-    let url = settings::redis_url();
-    match ask(&url, queues) {
+    let target = Target::from_settings();
+    match ask(&target, queues) {
         Ok(probe) => probe,
         Err(e) => RedisProbe {
-            error: Some(scrub(&e, &url)),
+            error: Some(target.scrub(&e)),
             ..Default::default()
         },
     }
 }
 
-fn ask(url: &str, queues: &[String]) -> Result<RedisProbe, String> {
-    let mut con = connect_for_call(url)?;
+fn ask(target: &Target, queues: &[String]) -> Result<RedisProbe, String> {
+    let mut con = connect_for_call(target)?;
     let keys = Keys::new(settings::redis_prefix());
     let mut pipe = redis::pipe();
     pipe.cmd("PING")

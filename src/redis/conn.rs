@@ -10,9 +10,14 @@
 //! the connection may be mid-reply, so it is broken for good and its owner drops it.
 //!
 //! The redis crate still encodes commands and parses replies: `Conn` implements its
-//! `ConnectionLike`, so `redis::cmd(…).query(&mut conn)` and pipelines work as usual.
+//! `ConnectionLike`, so `redis::cmd(…).query(&mut conn)` and pipelines work as usual. For
+//! `rediss://`, a rustls session runs over the same non-blocking socket (`tls`), its handshake
+//! under the same deadline.
 
-use redis::{ConnectionAddr, ConnectionLike, IntoConnectionInfo, Parser, RedisResult, Value};
+use super::target::Target;
+use super::tls;
+use redis::{ConnectionLike, Parser, RedisResult, Value};
+use rustls::ClientConnection;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -21,13 +26,21 @@ use std::time::{Duration, Instant};
 
 /// A Redis connection whose every wait ends at its current deadline.
 pub struct Conn {
-    stream: TcpStream,
+    socket: Socket,
     parser: Parser,
     deadline: Instant,
     /// Called when a wait is interrupted by a signal: true means stop waiting.
     interrupted: fn() -> bool,
     broken: bool,
+    /// A reply has been read on this connection.
+    answered: bool,
     db: i64,
+}
+
+/// The non-blocking socket, and the TLS session over it for `rediss://`.
+struct Socket {
+    tcp: TcpStream,
+    tls: Option<Box<ClientConnection>>,
 }
 
 /// Never gives up early: for callers with nothing to check.
@@ -36,17 +49,22 @@ pub fn never_interrupted() -> bool {
 }
 
 impl Conn {
-    /// Connects (TCP connect, AUTH, SELECT) before `deadline`, which then stays the deadline of
-    /// the calls that follow until [`Conn::set_deadline`] moves it. Errors are free of secrets.
-    pub fn open(url: &str, deadline: Instant, interrupted: fn() -> bool) -> Result<Conn, String> {
-        let info = url
-            .into_connection_info()
-            .map_err(|e| redact_error(&e, url))?;
-        let (host, port) = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
-            _ => return Err(format!("unsupported Redis URL {}", redact(url))),
+    /// Connects (TCP connect, TLS handshake, AUTH, SELECT) before `deadline`, which
+    /// then stays the deadline of the calls that follow until [`Conn::set_deadline`] moves it.
+    /// Errors are free of secrets.
+    pub fn open(
+        target: &Target,
+        deadline: Instant,
+        interrupted: fn() -> bool,
+    ) -> Result<Conn, String> {
+        let end = target.endpoint()?;
+        let password = end.password.clone();
+        let secret_free = |e: String| match &password {
+            Some(p) if !p.is_empty() => target.scrub(&e).replace(p.as_str(), "***"),
+            _ => target.scrub(&e),
         };
-        let addrs = resolve(&host, port, deadline)?;
+        let (host, port) = (end.host.as_str(), end.port);
+        let addrs = resolve(host, port, deadline)?;
         let mut last_error = format!("no address for Redis host {host}");
         let mut stream = None;
         for addr in addrs {
@@ -63,34 +81,49 @@ impl Conn {
                 Err(e) => last_error = format!("connecting to Redis at {addr}: {e}"),
             }
         }
-        let stream = stream.ok_or(last_error)?;
-        stream
-            .set_nonblocking(true)
-            .and_then(|_| stream.set_nodelay(true))
+        let tcp = stream.ok_or(last_error)?;
+        tcp.set_nonblocking(true)
+            .and_then(|_| tcp.set_nodelay(true))
             .map_err(|e| format!("setting up the Redis socket: {e}"))?;
-        let settings = info.redis_settings();
+        let tls = match &end.tls {
+            Some(verify) => Some(Box::new(tls::client(host, verify)?)),
+            None => None,
+        };
         let mut con = Conn {
-            stream,
+            socket: Socket { tcp, tls },
             parser: Parser::new(),
             deadline,
             interrupted,
             broken: false,
-            db: settings.db(),
+            answered: false,
+            db: end.db,
         };
-        if let Some(password) = settings.password() {
+        if con.socket.tls.is_some() {
+            con.io().handshake().map_err(|e| {
+                // A server without TLS on this port reads the ClientHello as the start of a
+                // command and waits for its end.
+                let hint = if e.kind() == io::ErrorKind::TimedOut {
+                    "; does the server speak TLS on this port?"
+                } else {
+                    ""
+                };
+                format!("TLS handshake with Redis at {host}:{port} failed: {e}{hint}")
+            })?;
+        }
+        if let Some(password) = &end.password {
             let mut auth = redis::cmd("AUTH");
-            if let Some(user) = settings.username() {
+            if let Some(user) = &end.username {
                 auth.arg(user);
             }
             auth.arg(password)
                 .query::<()>(&mut con)
-                .map_err(|e| redact_error(&e, url))?;
+                .map_err(|e| secret_free(e.to_string()))?;
         }
-        if settings.db() != 0 {
+        if end.db != 0 {
             redis::cmd("SELECT")
-                .arg(settings.db())
+                .arg(end.db)
                 .query::<()>(&mut con)
-                .map_err(|e| redact_error(&e, url))?;
+                .map_err(|e| secret_free(e.to_string()))?;
         }
         Ok(con)
     }
@@ -111,20 +144,39 @@ impl Conn {
     pub fn recv_response(&mut self) -> RedisResult<Value> {
         self.usable()?;
         let mut io = Io {
-            stream: &self.stream,
+            socket: &mut self.socket,
             deadline: self.deadline,
             interrupted: self.interrupted,
         };
-        let result = self.parser.parse_value(&mut io);
-        if result.is_err() {
-            self.broken = true;
+        match self.parser.parse_value(&mut io) {
+            Ok(value) => {
+                self.answered = true;
+                Ok(value)
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(self.first_reply_error(e))
+            }
         }
-        result
     }
 
-    fn io(&self) -> Io<'_> {
+    /// A server that closes a plain connection before its first reply, or answers with bytes
+    /// that are not Redis's protocol, most likely expects TLS: the error says so.
+    fn first_reply_error(&self, e: redis::RedisError) -> redis::RedisError {
+        let not_redis = matches!(e.kind(), redis::ErrorKind::Io | redis::ErrorKind::Parse);
+        if self.answered || self.socket.tls.is_some() || !not_redis || e.is_timeout() {
+            return e;
+        }
+        redis::RedisError::from((
+            e.kind(),
+            "no Redis reply",
+            format!("{e}; if the server expects TLS, use a rediss:// URL"),
+        ))
+    }
+
+    fn io(&mut self) -> Io<'_> {
         Io {
-            stream: &self.stream,
+            socket: &mut self.socket,
             deadline: self.deadline,
             interrupted: self.interrupted,
         }
@@ -253,7 +305,7 @@ fn timeout_message() -> String {
 
 /// The socket seen through the caller's deadline.
 struct Io<'a> {
-    stream: &'a TcpStream,
+    socket: &'a mut Socket,
     deadline: Instant,
     interrupted: fn() -> bool,
 }
@@ -267,7 +319,7 @@ impl Io<'_> {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, timeout_message()));
             }
             let mut fd = libc::pollfd {
-                fd: self.stream.as_raw_fd(),
+                fd: self.socket.tcp.as_raw_fd(),
                 events,
                 revents: 0,
             };
@@ -292,9 +344,10 @@ impl Io<'_> {
         }
     }
 
-    fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+    /// Writes to the socket itself (TLS records, or plain bytes).
+    fn write_raw(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
-            match (&*self.stream).write(bytes) {
+            match (&self.socket.tcp).write(bytes) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => bytes = &bytes[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
@@ -304,16 +357,99 @@ impl Io<'_> {
         }
         Ok(())
     }
-}
 
-impl Read for Io<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads from the socket itself, waiting for data until the deadline.
+    fn read_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match (&*self.stream).read(buf) {
+            match (&self.socket.tcp).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 result => return result,
             }
+        }
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        if self.socket.tls.is_none() {
+            return self.write_raw(bytes);
+        }
+        // rustls buffers a bounded amount of plaintext: hand it over in pieces, sending the
+        // records each piece makes.
+        while !bytes.is_empty() {
+            let tls = self.socket.tls.as_mut().expect("a TLS session");
+            let n = tls.writer().write(bytes)?;
+            bytes = &bytes[n..];
+            self.send_tls()?;
+        }
+        Ok(())
+    }
+
+    /// Sends every TLS record rustls has ready.
+    fn send_tls(&mut self) -> io::Result<()> {
+        let mut out = Vec::new();
+        let tls = self.socket.tls.as_mut().expect("a TLS session");
+        while tls.wants_write() {
+            tls.write_tls(&mut out)?;
+        }
+        self.write_raw(&out)
+    }
+
+    /// Reads TLS records until rustls has processed at least one more (or the peer closed).
+    fn receive_tls(&mut self) -> io::Result<usize> {
+        let mut buf = [0u8; 16 * 1024];
+        let n = self.read_raw(&mut buf)?;
+        let tls = self.socket.tls.as_mut().expect("a TLS session");
+        if n == 0 {
+            // The peer closed: rustls decides whether that was clean (close_notify).
+            let mut nothing: &[u8] = &[];
+            tls.read_tls(&mut nothing)?;
+        } else {
+            let mut got = &buf[..n];
+            while !got.is_empty() {
+                tls.read_tls(&mut got)?;
+                tls.process_new_packets().map_err(tls_error)?;
+            }
+        }
+        tls.process_new_packets().map_err(tls_error)?;
+        Ok(n)
+    }
+
+    /// The TLS handshake, within the deadline. A refused certificate is its error.
+    fn handshake(&mut self) -> io::Result<()> {
+        loop {
+            let tls = self.socket.tls.as_ref().expect("a TLS session");
+            let (handshaking, wants_read) = (tls.is_handshaking(), tls.wants_read());
+            // Send what the handshake has ready (ClientHello, Finished, an alert).
+            self.send_tls()?;
+            if !handshaking {
+                return Ok(());
+            }
+            if wants_read && self.receive_tls()? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection during the TLS handshake (does it speak TLS on this port?)",
+                ));
+            }
+        }
+    }
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.socket.tls.is_none() {
+            return self.read_raw(buf);
+        }
+        loop {
+            let tls = self.socket.tls.as_mut().expect("a TLS session");
+            match tls.reader().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return result, // data, a clean close (0), or the peer vanished
+            }
+            self.receive_tls()?;
         }
     }
 }
@@ -404,7 +540,7 @@ mod tests {
         let url = format!("redis://{}", server.local_addr().unwrap());
         let timeout = Duration::from_millis(300);
         let started = Instant::now();
-        let mut con = Conn::open(&url, started + timeout, never_interrupted).unwrap();
+        let mut con = Conn::open(&Target::url(&url), started + timeout, never_interrupted).unwrap();
         let mut pipe = redis::pipe();
         for i in 0..2000 {
             pipe.cmd("LLEN").arg(format!("list{i}"));
@@ -427,7 +563,7 @@ mod tests {
         let url = format!("redis://:sekrit-pw@{}", server.local_addr().unwrap());
         let started = Instant::now();
         let err = Conn::open(
-            &url,
+            &Target::url(&url),
             started + Duration::from_millis(200),
             never_interrupted,
         )
@@ -435,6 +571,25 @@ mod tests {
         .expect("AUTH cannot succeed");
         assert!(started.elapsed() < Duration::from_millis(400));
         assert!(!err.contains("sekrit-pw"), "{err}");
+    }
+
+    /// A TLS handshake with a server that never answers (no TLS on that port) is bounded by the
+    /// same deadline, and says what may be wrong.
+    #[test]
+    fn a_tls_handshake_with_a_silent_server_ends_at_the_deadline() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut target = Target::url(&format!("rediss://{}", server.local_addr().unwrap()));
+        target.tls_insecure_skip_verify = true;
+        let started = Instant::now();
+        let err = Conn::open(
+            &target,
+            started + Duration::from_millis(200),
+            never_interrupted,
+        )
+        .err()
+        .expect("no handshake without a server");
+        assert!(started.elapsed() < Duration::from_millis(400));
+        assert!(err.contains("does the server speak TLS"), "{err}");
     }
 
     /// Replies that arrive are parsed, pipelined, with server errors as values.
@@ -454,7 +609,7 @@ mod tests {
             s.write_all(b":3\r\n-WRONGTYPE nope\r\n").unwrap();
         });
         let mut con = Conn::open(
-            &url,
+            &Target::url(&url),
             Instant::now() + Duration::from_secs(5),
             never_interrupted,
         )

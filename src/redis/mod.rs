@@ -4,19 +4,22 @@
 pub mod conn;
 pub mod keys;
 pub mod report;
+pub mod target;
+pub mod tls;
 pub mod upkeep;
 pub mod wire;
 
 pub use conn::{redact, Conn};
 pub use keys::Keys;
+pub use target::Target;
 
 use std::time::Instant;
 
 /// A connection for one SQL call: the call's deadline is `queue.redis_timeout` from now, and a
 /// cancelled query or a terminated backend stops the wait (its next CHECK_FOR_INTERRUPTS acts).
-pub fn connect_for_call(url: &str) -> Result<Conn, String> {
+pub fn connect_for_call(target: &Target) -> Result<Conn, String> {
     let deadline = Instant::now() + crate::settings::redis_timeout();
-    Conn::open(url, deadline, backend_interrupted)
+    Conn::open(target, deadline, backend_interrupted)
 }
 
 fn backend_interrupted() -> bool {

@@ -42,10 +42,13 @@ pub extern "C-unwind" fn queue_pg_reports_main(_arg: pg_sys::Datum) {
     // A report is removed from Redis right after the commit that applied it: that commit must
     // be durable first, whatever the server's default. And batches vary from one report to
     // thousands: each statement is planned for the batch at hand and the table as it is now.
-    let database = start_worker(&[
-        "SET synchronous_commit = on",
-        "SET plan_cache_mode = force_custom_plan",
-    ]);
+    let database = start_worker(
+        "queue_pg reports",
+        &[
+            "SET synchronous_commit = on",
+            "SET plan_cache_mode = force_custom_plan",
+        ],
+    );
     shared::publish_process(true);
     log!("queue_pg reports: started in database \"{database}\"");
     let mut applier = Applier::new();

@@ -6,7 +6,7 @@
 //! read, judged and removed. The set is read again every poll interval and only grows while the
 //! applier runs.
 
-use crate::bridge::context::extension_present;
+use crate::bridge::context::extension_ready;
 use crate::lifecycle::{queues_in_state, Sql};
 use crate::redis::Keys;
 use crate::spi_plans::{required, with_plan};
@@ -40,7 +40,7 @@ pub struct Streams {
 impl Streams {
     /// Adds the queues Postgres knows now. False if the extension is not installed.
     pub fn refresh(&mut self, client: &mut SpiClient<'_>, keys: &Keys) -> bool {
-        if !extension_present(client) {
+        if !extension_ready(client) {
             return false;
         }
         let everywhere = !self.looked_everywhere;

@@ -9,7 +9,9 @@
 //!   REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports target/release/queue-pg-worker
 //!
 //! Put your work in `handle()`. Delivery is at-least-once: a job may run again after a crash, so
-//! make `handle()` safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL,
+//! make `handle()` safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL
+//! (rediss:// for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a
+//! PEM file of the CAs that may sign the server's certificate; default: the system's),
 //! QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX
 //! (queue_pg), SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it
 //! is failed, and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for
@@ -252,7 +254,17 @@ fn main() -> Result<(), Error> {
     }
     // Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
     let limit = Duration::from_secs(5);
-    let mut redis = redis::Client::open(redis_url)?.get_connection_with_timeout(limit)?;
+    let client = match env::var("REDIS_TLS_CA_FILE") {
+        Ok(ca_file) => redis::Client::build_with_tls(
+            redis_url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(ca_file)?),
+            },
+        )?,
+        Err(_) => redis::Client::open(redis_url)?,
+    };
+    let mut redis = client.get_connection_with_timeout(limit)?;
     redis.set_read_timeout(Some(limit))?;
     redis.set_write_timeout(Some(limit))?;
     if fast {
