@@ -2,7 +2,7 @@
 //! bridge's dispatch queries) are parsed and planned once, not on every call.
 
 use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
-use pgrx::pg_sys::PgOid;
+use pgrx::pg_sys::{self, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -25,7 +25,20 @@ pub mod types {
 
 thread_local! {
     // Keyed by where the statement text lives (each is a `const`): no hashing of long strings.
-    static PLANS: RefCell<HashMap<(usize, usize), OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<(usize, usize), Kept>> = RefCell::new(HashMap::new());
+}
+
+/// A prepared statement, and whether it writes.
+struct Kept {
+    plan: OwnedPreparedStatement,
+    writes: bool,
+}
+
+/// Whether a statement of queue_pg's writes (or locks rows): its SQL is written in capitals.
+fn writes(sql: &str) -> bool {
+    ["INSERT", "UPDATE", "DELETE"]
+        .iter()
+        .any(|verb| sql.contains(verb))
 }
 
 /// Runs `f` with the kept plan of `sql`, preparing it on first use in this backend.
@@ -59,23 +72,41 @@ fn run_kept<'conn, R>(
     f: impl FnOnce(&mut SpiClient<'conn>, &OwnedPreparedStatement) -> R,
 ) -> R {
     let key = (sql.as_ptr() as usize, sql.len());
-    let plan = PLANS.with(|plans| plans.borrow_mut().remove(&key));
-    let plan = match plan {
-        Some(plan) => plan,
+    let kept = PLANS.with(|plans| plans.borrow_mut().remove(&key));
+    let kept = match kept {
+        Some(kept) => kept,
         None => {
             if check_version {
                 crate::extension::check_once(client);
             }
-            client
+            let plan = client
                 .prepare_mut(sql, arg_types)
                 .unwrap_or_else(|e| pgrx::error!("queue_pg: preparing a statement failed: {e}"))
-                .keep()
+                .keep();
+            Kept {
+                plan,
+                writes: writes(sql),
+            }
         }
     };
+    if kept.writes {
+        refuse_writes_on_standby();
+    }
     // Taken out while in use, so a nested call cannot alias it; put back afterwards.
-    let result = f(client, &plan);
-    PLANS.with(|plans| plans.borrow_mut().insert(key, plan));
+    let result = f(client, &kept.plan);
+    PLANS.with(|plans| plans.borrow_mut().insert(key, kept));
     result
+}
+
+/// On a standby a write would fail deep inside (pgrx asks for a transaction id, which a server
+/// in recovery cannot give): this fails first, with the SQLSTATE of a write on a standby (25006).
+pub fn refuse_writes_on_standby() {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        crate::api::errors::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "queue_pg: cannot change jobs on a standby (the server is in recovery); call this on the primary",
+        );
+    }
 }
 
 /// `client.update(sql, …)` through the kept plan of `sql`.

@@ -15,6 +15,7 @@ const SET_PAUSED: &str = "
 
 fn set_paused(queue_name: Option<&str>, paused: bool) {
     let queue_name = validate::queue_name(queue_name);
+    crate::spi_plans::refuse_writes_on_standby();
     Spi::connect_mut(|client| {
         client
             .update(SET_PAUSED, None, &[queue_name.into(), paused.into()])

@@ -33,6 +33,7 @@ static REPLAY: Sql = Sql::new(
 );
 
 fn replay(id: Option<i64>, queue_name: Option<&str>, max_jobs: i64) -> usize {
+    crate::spi_plans::refuse_writes_on_standby();
     let ids: Vec<i64> = Spi::connect_mut(|client| {
         client
             .update(

@@ -64,10 +64,17 @@ fn version_problem(installed: &Result<Installed, String>) -> Option<Value> {
     }))
 }
 
+/// Whether this server is a standby (in recovery): the bridge and the applier start only when
+/// it is promoted.
+pub fn in_recovery() -> bool {
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
 /// What health() says of the report applier.
 pub fn applier_state(applier: Option<&ReportsStatus>) -> &'static str {
     match applier {
         None => "not_loaded",
+        Some(a) if a.pid == 0 && in_recovery() => "standby",
         Some(a) if a.pid == 0 => "stopped",
         Some(_) => "running",
     }
@@ -111,6 +118,8 @@ pub enum BridgeState {
     /// No cycle for three poll intervals (at least 3 s).
     Stalled,
     Stopped,
+    /// The server is a standby: the bridge starts when it is promoted.
+    Standby,
     /// queue_pg is not in `shared_preload_libraries`.
     NotLoaded,
 }
@@ -121,6 +130,7 @@ impl BridgeState {
             BridgeState::Running => "running",
             BridgeState::Stalled => "stalled",
             BridgeState::Stopped => "stopped",
+            BridgeState::Standby => "standby",
             BridgeState::NotLoaded => "not_loaded",
         }
     }
@@ -131,6 +141,7 @@ pub fn bridge_state(bridge: Option<&BridgeStatus>) -> BridgeState {
     let now_us = shared::unix_micros();
     match bridge {
         None => BridgeState::NotLoaded,
+        Some(b) if b.pid == 0 && in_recovery() => BridgeState::Standby,
         Some(b) if b.pid == 0 => BridgeState::Stopped,
         Some(b) if now_us - b.last_cycle_us > stall_after.as_micros() as i64 => {
             BridgeState::Stalled
@@ -193,8 +204,11 @@ fn document(
     }
 
     // A stopped applier leaves reports piling up in Redis; an old waiting report means it lags.
+    // On a standby neither runs, by design, until promotion.
+    let standby = bridge_status == BridgeState::Standby;
     let applier_running = applier_state(reports.applier) == "running";
-    let status = if !redis_ok || bridge_status != BridgeState::Running || !applier_running {
+    let workers_ok = standby || (bridge_status == BridgeState::Running && applier_running);
+    let status = if !redis_ok || !workers_ok {
         "unhealthy"
     } else if lag_ms > 10_000
         || memory_pct.is_some_and(|p| p > 80.0)
@@ -210,6 +224,7 @@ fn document(
         "timestamp": iso_utc(now),
         "status": status,
         "version": LIBRARY_VERSION,
+        "role": if in_recovery() { "standby" } else { "primary" },
         "redis": {
             "status": if redis_ok { "healthy" } else { "unhealthy" },
             "ping": redis.ping,

@@ -36,6 +36,8 @@ fn call<R>(con: &mut Conn, target: &Target, f: impl FnOnce(&mut Conn) -> Result<
 /// (`SET queue.redis_timeout`) or leave the work to the bridge, which does it in slices.
 #[pg_extern(volatile)]
 fn optimize_memory() -> JsonB {
+    // A standby's view lags the primary's: a job it sees finished may be live again there.
+    crate::spi_plans::refuse_writes_on_standby();
     // The job hashes in Redis belong to the jobs of the bridge's database: judged from any other
     // database, every one of them would look like a pruned job's.
     let here = Spi::get_one::<String>("SELECT current_database()::text")
