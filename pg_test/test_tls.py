@@ -138,6 +138,28 @@ def test_dispatch_health_and_optimize_memory_over_tls_with_an_acl_user(db, tls_r
     assert PASSWORD not in json.dumps(h) + json.dumps(done)
 
 
+def test_large_pipelines_and_replies_cross_tls_intact(db, tls_redis):
+    # Hundreds of kilobytes each way: the bridge's pushes (many TLS records per write) and the
+    # applier's XREAD replies (many records per read) are split and joined correctly.
+    tr = tls_client(tls_redis)
+    set_config(db, redis_url=URL, redis_tls_ca_file=tls_redis / "ca.crt")
+    blob = "x" * 4000
+    payloads = json.dumps([{"n": n, "blob": blob} for n in range(300)])
+    ids = [row[0] for row in db.execute("SELECT * FROM queue.enqueue_many('tls_big', %s)", (payloads,)).fetchall()]
+    wait_for(lambda: tr.llen(list_key("tls_big")) == 300, what="300 large messages pushed over TLS")
+    messages = [json.loads(m) for m in tr.lrange(list_key("tls_big"), 0, -1)]
+    assert sorted(m["id"] for m in messages) == sorted(ids)
+    assert all(m["payload"]["blob"] == blob for m in messages)
+    pipe = tr.pipeline(transaction=False)
+    for m in messages:
+        pipe.xadd(f"{PREFIX}:{{tls_big}}:reports",
+                  {"id": m["id"], "attempt": 1, "op": "complete", "result": json.dumps({"echo": blob})})
+    pipe.execute()
+    wait_for(lambda: db.execute("SELECT count(*) FROM queue.jobs WHERE queue_name = 'tls_big' AND "
+                                "status = 'completed' AND result->>'echo' = %s", (blob,)).fetchone()[0] == 300,
+             timeout=20, what="300 large reports applied over TLS")
+
+
 def test_the_password_may_come_from_a_file(db, tls_redis):
     pw_file = Path(ENV["QPG_HOME"]) / "redis_password"
     pw_file.write_text(PASSWORD + "\n")

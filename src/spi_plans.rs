@@ -149,3 +149,21 @@ pub fn required<T>(value: SpiResult<Option<T>>, column: &str) -> Result<T, Strin
 pub fn optional<T>(value: SpiResult<Option<T>>, column: &str) -> Result<Option<T>, String> {
     value.map_err(|e| format!("reading {column}: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::writes;
+
+    #[test]
+    fn statements_that_write_or_lock_rows_are_told_by_their_capitals() {
+        assert!(writes("INSERT INTO queue.jobs (payload) VALUES ($1)"));
+        assert!(writes(
+            "WITH x AS (UPDATE queue.jobs SET status = 'queued') SELECT 1"
+        ));
+        assert!(writes("SELECT id FROM queue.jobs FOR UPDATE SKIP LOCKED"));
+        assert!(writes("DELETE FROM queue.redis_outbox WHERE id = ANY($1)"));
+        assert!(!writes(
+            "SELECT updated_at, deleted FROM queue.jobs WHERE status = 'queued'"
+        ));
+    }
+}
