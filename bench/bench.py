@@ -6,7 +6,9 @@
     enqueueing statement's clock_timestamp() (so it includes the commit itself) to the moment a
     BRPOP consumer receives the message; then again with 200,000 jobs waiting in a paused queue.
 (c) drain: a backlog of 100,000 committed jobs, from resume() to the last one in Redis, against
-    pushing the same 100,000 messages straight to Redis from a pipelined client (no Postgres).
+    pushing the same 100,000 messages straight to Redis from a pipelined client (no Postgres);
+    then the same drain to a TLS-only redis-server (rediss://, an ACL user, certificates made
+    with openssl), against the plain drain of the same run.
 (e) monitoring: health(), metrics() and prometheus() latency with 100 queues and 1,000,000 rows
     in queue.jobs (95 % completed over the last day, 2 % dead, 3 % live), against the naive way
     to get the same counts (GROUP BY queue, status over queue.jobs) and against `SELECT 1`.
@@ -152,6 +154,82 @@ def bench_latency(conn, r, seconds, rate=1000, paused_backlog=0):
 
 
 def bench_drain(conn, r, n=100_000):
+    bridge_rate = drain_backlog(conn, r, n)
+    # Baseline: the same messages pushed straight to Redis, 500 per pipelined round trip.
+    key = "queue_pg:{drain}:normal"
+    messages = r.lrange(key, 0, -1)
+    r.delete(key)
+    t0 = time.monotonic()
+    for i in range(0, n, 500):
+        pipe = r.pipeline(transaction=True)
+        pipe.lpush(key, *messages[i:i + 500])
+        pipe.execute()
+    redis_s = time.monotonic() - t0
+    print(f"\n(c) drain of a {n:,}-job backlog")
+    print(f"    bridge (Postgres -> Redis, marked migrated)  {bridge_rate:9.0f} jobs/s  ({n / bridge_rate:.2f} s)")
+    print(f"    redis-py pipelined LPUSH only, no Postgres    {n / redis_s:9.0f} jobs/s  ({redis_s:.2f} s)")
+    print(f"    ratio bridge / bare Redis push: {redis_s * bridge_rate / n:.2f}")
+
+    with tls_redis() as (url, ca, tr):
+        conn.execute(f"ALTER SYSTEM SET queue.redis_url = '{url}'")
+        conn.execute(f"ALTER SYSTEM SET queue.redis_tls_ca_file = '{ca}'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            tls_rate = drain_backlog(conn, tr, n)
+        finally:
+            conn.execute("ALTER SYSTEM RESET queue.redis_url")
+            conn.execute("ALTER SYSTEM RESET queue.redis_tls_ca_file")
+            conn.execute("SELECT pg_reload_conf()")
+    print(f"    bridge over TLS (rediss://, an ACL user)      {tls_rate:9.0f} jobs/s  ({n / tls_rate:.2f} s)")
+    print(f"    ratio TLS / plain: {tls_rate / bridge_rate:.2f}")
+    return bridge_rate
+
+
+class tls_redis:
+    """A TLS-only redis-server with an ACL user on the next port, for the drain over TLS."""
+
+    def __enter__(self):
+        self.dir = os.path.join(HOME, "tls")
+        os.makedirs(self.dir, exist_ok=True)
+        os.chmod(HOME, 0o755)
+        os.chmod(self.dir, 0o755)
+        ssl = lambda *a: subprocess.run(["openssl", *a], cwd=self.dir, check=True, capture_output=True)
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        ssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=bench CA")
+        ssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+        with open(os.path.join(self.dir, "san.cnf"), "w") as f:
+            f.write("subjectAltName=IP:127.0.0.1\n")
+        ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "san.cnf")
+        os.chmod(os.path.join(self.dir, "ca.crt"), 0o644)
+        port, password = REDIS_PORT + 1, "bench-tls-pw"
+        d = self.dir
+        subprocess.run(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                        "--tls-cert-file", f"{d}/server.crt", "--tls-key-file", f"{d}/server.key",
+                        "--tls-ca-cert-file", f"{d}/ca.crt", "--tls-auth-clients", "no",
+                        "--user", "default", "off", "--user", "bench", "on", f">{password}", "~*", "&*", "+@all",
+                        "--save", "", "--appendonly", "no", "--daemonize", "yes",
+                        "--pidfile", f"{d}/redis.pid", "--logfile", f"{d}/redis.log"], check=True)
+        url = f"rediss://bench:{password}@127.0.0.1:{port}"
+        self.r = redis_py.Redis.from_url(url, ssl_ca_certs=f"{d}/ca.crt", decode_responses=False)
+        wait_until(lambda: self._up(), timeout=10)
+        return url, f"{d}/ca.crt", self.r
+
+    def _up(self):
+        try:
+            return self.r.ping()
+        except redis_py.ConnectionError:
+            return False
+
+    def __exit__(self, *exc):
+        try:
+            self.r.shutdown(nosave=True)
+        except redis_py.ConnectionError:
+            pass
+
+
+def drain_backlog(conn, r, n):
+    """Jobs/s of the bridge draining a paused backlog of `n` jobs into Redis `r`."""
     reset(conn, r)
     conn.execute("SELECT queue.pause('drain')")
     for start in range(0, n, 10_000):
@@ -165,20 +243,6 @@ def bench_drain(conn, r, n=100_000):
     wait_until(lambda: r.llen(key) >= n)
     bridge_s = time.monotonic() - t0
     wait_until(lambda: conn.execute("SELECT count(*) FROM queue.jobs WHERE status = 'migrated'").fetchone()[0] == n)
-    messages = r.lrange(key, 0, -1)
-
-    # Baseline: the same messages pushed straight to Redis, 500 per pipelined round trip.
-    r.delete(key)
-    t0 = time.monotonic()
-    for i in range(0, n, 500):
-        pipe = r.pipeline(transaction=True)
-        pipe.lpush(key, *messages[i:i + 500])
-        pipe.execute()
-    redis_s = time.monotonic() - t0
-    print(f"\n(c) drain of a {n:,}-job backlog")
-    print(f"    bridge (Postgres -> Redis, marked migrated)  {n / bridge_s:9.0f} jobs/s  ({bridge_s:.2f} s)")
-    print(f"    redis-py pipelined LPUSH only, no Postgres    {n / redis_s:9.0f} jobs/s  ({redis_s:.2f} s)")
-    print(f"    ratio bridge / bare Redis push: {redis_s / bridge_s:.2f}")
     return n / bridge_s
 
 

@@ -40,8 +40,9 @@ def test_health_reports_a_known_state(db, r):
     outbox_applied(db)  # outcomes are counted as the bridge applies them
 
     h = health(db)
-    assert set(h) == {"timestamp", "status", "version", "redis", "queues", "recent_jobs", "dead_letter_queue",
-                      "bridge", "reports"}
+    assert set(h) == {"timestamp", "status", "version", "role", "redis", "queues", "recent_jobs",
+                      "dead_letter_queue", "bridge", "reports"}
+    assert h["role"] == "primary"
     assert h["version"] == db.execute("SELECT extversion FROM pg_extension WHERE extname = 'queue_pg'").fetchone()[0]
     assert set(h["redis"]) == {"status", "ping", "memory_used", "memory_used_percentage", "connected_clients", "error"}
     assert h["redis"]["status"] == "healthy" and h["redis"]["ping"] == "PONG" and h["redis"]["error"] is None
