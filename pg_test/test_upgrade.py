@@ -198,10 +198,12 @@ def test_update_from_0_1_0_keeps_every_job_and_ends_at_a_fresh_schema(swapped_in
         assert health["status"] == "unhealthy", health
         assert health["sql_version"] == FROM_VERSION and health["version"] != FROM_VERSION, health
         assert "ALTER EXTENSION queue_pg UPDATE" in health["error"], health
-        with pytest.raises(psycopg.Error) as err:
-            db.execute("SELECT queue.enqueue('live', '{}')")
-        assert err.value.sqlstate == "55000", err.value
-        assert "ALTER EXTENSION queue_pg UPDATE" in str(err.value)
+        for call in ["SELECT queue.enqueue('live', '{}')", "SELECT queue.pause('live')",
+                     "SELECT queue.replay_dead_all()", "SELECT * FROM queue.metrics()"]:
+            with pytest.raises(psycopg.Error) as err:
+                db.execute(call)
+            assert err.value.sqlstate == "55000", (call, err.value)
+            assert "ALTER EXTENSION queue_pg UPDATE" in str(err.value), call
         wait_for(lambda: re.search(r"queue_pg bridge: waiting .*version 0\.1\.0; run ALTER EXTENSION", server_log()),
                  what="the bridge to say why it waits")
         assert jobs_snapshot(db) == before, "nothing changed while the versions differ"

@@ -6,7 +6,10 @@ use super::jobs::id_was_issued;
 use super::validate;
 use crate::bridge::wake::{wake_on_commit, wake_on_commit_queued};
 use crate::lifecycle::Sql;
-use crate::spi_plans::{self, types::INT8};
+use crate::spi_plans::{
+    self,
+    types::{BOOL, INT8, TEXT},
+};
 use pgrx::prelude::*;
 
 const SET_PAUSED: &str = "
@@ -15,11 +18,9 @@ const SET_PAUSED: &str = "
 
 fn set_paused(queue_name: Option<&str>, paused: bool) {
     let queue_name = validate::queue_name(queue_name);
-    crate::spi_plans::refuse_writes_on_standby();
     Spi::connect_mut(|client| {
-        client
-            .update(SET_PAUSED, None, &[queue_name.into(), paused.into()])
-            .map(|_| ())
+        let args = [queue_name.into(), paused.into()];
+        spi_plans::update(client, SET_PAUSED, &[TEXT, BOOL], None, &args).map(|_| ())
     })
     .unwrap_or_else(|e| pgrx::error!("queue_pg: could not update queue {queue_name}: {e}"));
 }

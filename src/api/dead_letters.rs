@@ -7,7 +7,8 @@ use super::jobs::status_of;
 use super::validate;
 use crate::bridge::wake::wake_on_commit_queued;
 use crate::lifecycle::Sql;
-use crate::spi_plans::required;
+use crate::spi_plans::types::{INT8, TEXT};
+use crate::spi_plans::{self, required};
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 
@@ -33,14 +34,9 @@ static REPLAY: Sql = Sql::new(
 );
 
 fn replay(id: Option<i64>, queue_name: Option<&str>, max_jobs: i64) -> usize {
-    crate::spi_plans::refuse_writes_on_standby();
     let ids: Vec<i64> = Spi::connect_mut(|client| {
-        client
-            .update(
-                &*REPLAY,
-                None,
-                &[id.into(), queue_name.into(), max_jobs.into()],
-            )
+        let args = [id.into(), queue_name.into(), max_jobs.into()];
+        spi_plans::update(client, &REPLAY, &[INT8, TEXT, INT8], None, &args)
             .map_err(|e| e.to_string())
             .and_then(|rows| rows.map(|r| required(r.get::<i64>(1), "id")).collect())
     })
