@@ -473,11 +473,6 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// An error message that is safe to show: never contains the URL's password.
-pub fn redact_error(e: &redis::RedisError, url: &str) -> String {
-    scrub(&e.to_string(), url)
-}
-
 /// Removes the URL's password from `message`, wherever it appears.
 pub fn scrub(message: &str, url: &str) -> String {
     let mut out = message.replace(url, &redact(url));

@@ -9,7 +9,7 @@ pub mod tls;
 pub mod upkeep;
 pub mod wire;
 
-pub use conn::{redact, Conn};
+pub use conn::Conn;
 pub use keys::Keys;
 pub use target::Target;
 

@@ -41,7 +41,8 @@ impl Target {
         }
     }
 
-    /// A plain `redis://` target (tests, tools).
+    /// A target with only a URL (the other settings at their defaults), for unit tests.
+    #[cfg(test)]
     pub fn url(url: &str) -> Target {
         Target {
             url: url.to_owned(),
