@@ -9,6 +9,9 @@
     pushing the same 100,000 messages straight to Redis from a pipelined client (no Postgres);
     then the same drain to a TLS-only redis-server (rediss://, an ACL user, certificates made
     with openssl), against the plain drain of the same run.
+(f) Redis Cluster: a drain of 100,000 jobs over 50 queues and the commit-to-Redis latency at
+    1,000 jobs/s, against a three-master Redis Cluster (scripts/redis_cluster.sh, ports
+    55530-55532) and against the single redis-server, side by side in the same run.
 (e) monitoring: health(), metrics() and prometheus() latency with 100 queues and 1,000,000 rows
     in queue.jobs (95 % completed over the last day, 2 % dead, 3 % live), against the naive way
     to get the same counts (GROUP BY queue, status over queue.jobs) and against `SELECT 1`.
@@ -118,8 +121,8 @@ def bench_enqueue(conn, r, seconds):
     return ratios
 
 
-def bench_latency(conn, r, seconds, rate=1000, paused_backlog=0):
-    reset(conn, r)
+def bench_latency(conn, r, seconds, rate=1000, paused_backlog=0, client=None, flush=None):
+    (flush or (lambda: reset(conn, r)))()
     if paused_backlog:
         conn.execute("SELECT queue.pause('parked')")
         for start in range(0, paused_backlog, 50_000):
@@ -131,7 +134,7 @@ def bench_latency(conn, r, seconds, rate=1000, paused_backlog=0):
     stop = threading.Event()
 
     def consume():
-        c = redis_py.Redis(port=REDIS_PORT)
+        c = (client or (lambda: redis_py.Redis(port=REDIS_PORT)))()
         while not stop.is_set():
             got = c.brpop(["queue_pg:{latency}:normal"], timeout=1)
             if got:
@@ -148,6 +151,8 @@ def bench_latency(conn, r, seconds, rate=1000, paused_backlog=0):
     lat = sorted(x * 1000 for x in latencies)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
     backlog = f", {paused_backlog:,} jobs waiting in a paused queue" if paused_backlog else ""
+    if client:
+        backlog += ", Redis Cluster"
     print(f"\n(b) commit-to-Redis latency at {rate} jobs/s for {seconds} s{backlog} ({tps:.0f} tx/s achieved, {len(lat)} jobs)")
     print(f"    p50 {p(0.50):.2f} ms   p90 {p(0.90):.2f} ms   p99 {p(0.99):.2f} ms   max {lat[-1]:.2f} ms")
     return p(0.50), p(0.99)
@@ -246,6 +251,76 @@ def drain_backlog(conn, r, n):
     return n / bridge_s
 
 
+CLUSTER_BASE = 55530
+CLUSTER_QUEUES = [f"d{i}" for i in range(50)]
+
+
+def drain_queues(conn, flush, waiting, n):
+    """Jobs/s of the bridge draining a paused backlog of `n` jobs spread over 50 queues."""
+    flush()
+    per = n // len(CLUSTER_QUEUES)
+    conn.execute("SELECT queue.pause(q) FROM unnest(%s::text[]) q", (CLUSTER_QUEUES,))
+    for q in CLUSTER_QUEUES:
+        conn.execute("SELECT count(*) FROM queue.enqueue_many(%s, (SELECT jsonb_agg(jsonb_build_object("
+                     "'n', g, 'to', 'ada@example.com')) FROM generate_series(1, %s) g))", (q, per))
+    conn.execute("VACUUM ANALYZE queue.jobs")
+    t0 = time.monotonic()
+    conn.execute("SELECT queue.resume(q) FROM unnest(%s::text[]) q", (CLUSTER_QUEUES,))
+    wait_until(lambda: waiting() >= per * len(CLUSTER_QUEUES), interval=0.01)
+    took = time.monotonic() - t0
+    wait_until(lambda: conn.execute(
+        "SELECT count(*) FROM queue.jobs WHERE status = 'migrated'").fetchone()[0] == per * len(CLUSTER_QUEUES))
+    return per * len(CLUSTER_QUEUES) / took
+
+
+def bench_cluster(conn, r, seconds, n=100_000):
+    from redis.cluster import RedisCluster
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "scripts", "redis_cluster.sh")
+    cdir = os.path.join(HOME, "cluster")
+    subprocess.run([script, "up", cdir, str(CLUSTER_BASE), "3"], check=True, stdout=subprocess.DEVNULL)
+    nodes = [redis_py.Redis(port=CLUSTER_BASE + i) for i in range(3)]
+    cluster = lambda: RedisCluster(host="127.0.0.1", port=CLUSTER_BASE)
+    keys = [f"queue_pg:{{{q}}}:normal" for q in CLUSTER_QUEUES]
+
+    def waiting_in(client):
+        pipe = client.pipeline(transaction=False)
+        for k in keys:
+            pipe.llen(k)
+        return sum(pipe.execute())
+
+    def flush_cluster():
+        conn.execute("TRUNCATE queue.jobs, queue.queues, queue.redis_outbox")
+        conn.execute("CHECKPOINT")
+        for node in nodes:
+            node.flushall()
+
+    try:
+        single = drain_queues(conn, lambda: reset(conn, r), lambda: waiting_in(r), n)
+        _, single_p99 = bench_latency(conn, r, seconds)
+        conn.execute("ALTER SYSTEM SET queue.redis_mode = 'cluster'")
+        conn.execute(f"ALTER SYSTEM SET queue.redis_url = 'redis://127.0.0.1:{CLUSTER_BASE},"
+                     f"redis://127.0.0.1:{CLUSTER_BASE + 1}'")
+        conn.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: conn.execute("SELECT queue.health()").fetchone()[0]["redis"]["mode"] == "cluster",
+                   timeout=20)
+        cc = cluster()
+        spread = {cc.get_node_from_key(k).port for k in keys}
+        clustered = drain_queues(conn, flush_cluster, lambda: waiting_in(cc), n)
+        _, cluster_p99 = bench_latency(conn, r, seconds, client=cluster, flush=flush_cluster)
+    finally:
+        conn.execute("ALTER SYSTEM RESET queue.redis_mode")
+        conn.execute("ALTER SYSTEM RESET queue.redis_url")
+        conn.execute("SELECT pg_reload_conf()")
+        subprocess.run([script, "down", cdir], check=True)
+    print(f"\n(f) Redis Cluster ({len(spread)} masters hold the 50 queues) against one redis-server")
+    print(f"    drain of {n:,} jobs over 50 queues: single {single:9.0f} jobs/s, cluster {clustered:9.0f} jobs/s,"
+          f" ratio cluster / single {clustered / single:.2f}")
+    print(f"    commit-to-Redis p99 at 1,000 jobs/s: single {single_p99:.2f} ms, cluster {cluster_p99:.2f} ms,"
+          f" ratio cluster / single {cluster_p99 / single_p99:.2f}")
+
+
 def timed(conn, sql, n):
     """Median and 95th percentile of n calls, in ms."""
     took = []
@@ -319,7 +394,7 @@ def bench_monitoring(conn, r, rows=1_000_000, queues=100, calls=50):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=15)
-    ap.add_argument("--only", choices=["enqueue", "latency", "drain", "monitoring"])
+    ap.add_argument("--only", choices=["enqueue", "latency", "drain", "cluster", "monitoring"])
     args = ap.parse_args()
     conn = db()
     r = redis_py.Redis(port=REDIS_PORT, decode_responses=False)
@@ -333,6 +408,8 @@ def main():
         print(f"    ratio p99 without / with the paused backlog: {p99 / p99_parked:.2f}")
     if args.only in (None, "drain"):
         bench_drain(conn, r)
+    if args.only in (None, "cluster"):
+        bench_cluster(conn, r, max(args.seconds, 10))
     if args.only in (None, "monitoring"):
         bench_monitoring(conn, r)
 

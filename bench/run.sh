@@ -5,9 +5,11 @@
 #                                # monitoring at 1,000,000 rows,
 #                                # and the full job lifecycle against graphile-worker (Node.js)
 #   bench/run.sh --seconds 5     # shorter pgbench runs
-#   bench/run.sh --only drain    # one of: enqueue, latency, drain, monitoring (skips the lifecycle part)
+#   bench/run.sh --only drain    # one of: enqueue, latency, drain, cluster, monitoring
+#                                # (skips the lifecycle part)
 #
-# Uses its own throwaway cluster and Redis (ports 55462 / 56409), stopped at the end.
+# Uses its own throwaway cluster and Redis (ports 55462 / 56409, a Redis Cluster on 55530-55532),
+# stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from conftest import bridge_pid, list_key, outbox_applied, set_config, stack, wait_for
+from conftest import ENV, bridge_pid, list_key, outbox_applied, set_config, stack, wait_for
 
 
 def health(db):
@@ -44,7 +44,12 @@ def test_health_reports_a_known_state(db, r):
                       "dead_letter_queue", "bridge", "reports"}
     assert h["role"] == "primary"
     assert h["version"] == db.execute("SELECT extversion FROM pg_extension WHERE extname = 'queue_pg'").fetchone()[0]
-    assert set(h["redis"]) == {"status", "ping", "memory_used", "memory_used_percentage", "connected_clients", "error"}
+    assert set(h["redis"]) == {"status", "ping", "memory_used", "memory_used_percentage", "connected_clients",
+                               "mode", "nodes", "error"}
+    assert h["redis"]["mode"] == "standalone"
+    [node] = h["redis"]["nodes"]
+    assert node["addr"] == f"127.0.0.1:{ENV['QPG_REDIS_PORT']}" and node["role"] == "master", node
+    assert node["reachable"] and node["error"] is None and node["memory_used"] > 0, node
     assert h["redis"]["status"] == "healthy" and h["redis"]["ping"] == "PONG" and h["redis"]["error"] is None
     assert isinstance(h["redis"]["memory_used"], int) and h["redis"]["memory_used"] > 0
     assert isinstance(h["redis"]["connected_clients"], int)
@@ -60,7 +65,10 @@ def test_health_reports_a_known_state(db, r):
     assert h["recent_jobs"] == {"completed": 1, "failed": 1, "retried": 1, "window": "1 hour"}
     assert h["dead_letter_queue"]["depth"] == 1 and h["dead_letter_queue"]["oldest_failed_at"]
     b = h["bridge"]
-    assert set(b) == {"status", "pid", "last_cycle_at", "lag_ms", "dispatched_total", "errors_total", "last_error"}
+    assert set(b) == {"status", "pid", "last_cycle_at", "lag_ms", "dispatched_total", "push_batches_total",
+                      "push_round_trips_total", "errors_total", "last_error"}
+    # One server: one round trip per batch.
+    assert b["push_round_trips_total"] == b["push_batches_total"] > 0, b
     assert b["status"] == "running" and b["pid"] == bridge_pid(db)
     assert b["dispatched_total"] - dispatched_before == 6 and isinstance(b["lag_ms"], int)
     assert h["status"] == "degraded"  # a job died in the last hour

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 pub static REDIS_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"redis://127.0.0.1:6379"));
+pub static REDIS_MODE: GucSetting<RedisMode> = GucSetting::<RedisMode>::new(RedisMode::Standalone);
 pub static REDIS_TLS_CA_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static REDIS_TLS_INSECURE_SKIP_VERIFY: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -37,6 +38,16 @@ pub static MEMORY_CHECK_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(60)
 
 const MAX_INT: i32 = i32::MAX;
 
+/// `queue.redis_mode`: one Redis server (or a primary behind a failover address), or a Redis
+/// Cluster reached through the seed URLs of `queue.redis_url`.
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RedisMode {
+    #[name = c"standalone"]
+    Standalone,
+    #[name = c"cluster"]
+    Cluster,
+}
+
 /// Registers every setting. Called from `_PG_init`.
 pub fn register() {
     use GucContext::*;
@@ -48,10 +59,18 @@ pub fn register() {
     GucRegistry::define_string_guc(
         c"queue.redis_url",
         c"Redis URL the bridge and queue_pg's SQL functions connect to.",
-        c"redis[s]://[user[:password]@]host:port[/db] (rediss: TLS). Only superusers can read or set it.",
+        c"redis[s]://[user[:password]@]host:port[/db] (rediss: TLS); in cluster mode, comma-separated seed URLs. Only superusers can read or set it.",
         &REDIS_URL,
         Sighup,
         GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_enum_guc(
+        c"queue.redis_mode",
+        c"standalone: one Redis server; cluster: a Redis Cluster.",
+        c"In cluster mode queue.redis_url holds one or more comma-separated seed URLs.",
+        &REDIS_MODE,
+        Sighup,
+        none,
     );
     GucRegistry::define_string_guc(
         c"queue.redis_tls_ca_file",
@@ -267,6 +286,9 @@ fn string(setting: &GucSetting<Option<CString>>, default: &str) -> String {
 
 pub fn redis_url() -> String {
     string(&REDIS_URL, "redis://127.0.0.1:6379")
+}
+pub fn redis_mode() -> RedisMode {
+    REDIS_MODE.get()
 }
 pub fn redis_tls_ca_file() -> String {
     string(&REDIS_TLS_CA_FILE, "")

@@ -11,8 +11,9 @@
 // Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so
 // make handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL
 // (rediss:// for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a PEM
-// file of the CAs that may sign the server's certificate; default: the system's),
-// QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
+// file of the CAs that may sign the server's certificate; default: the system's), REDIS_CLUSTER
+// (1: REDIS_URL holds comma-separated seed URLs of a Redis Cluster; the worker then pops one
+// queue's lists at a time, in turn), QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
 // SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
 // and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for the fast
 // path BATCH (10: jobs per pop) and LEASE_S (30: a job still running after a third of it is
@@ -27,6 +28,7 @@ const DATABASE_URL = process.env.DATABASE_URL || 'postgresql://postgres@127.0.0.
 const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
 const QUEUES = (process.env.QUEUES || 'default').split(',').filter(Boolean);
 const REDIS_TLS_CA_FILE = process.env.REDIS_TLS_CA_FILE;
+const REDIS_CLUSTER = process.env.REDIS_CLUSTER === '1';
 const PREFIX = process.env.QUEUE_PG_PREFIX || 'queue_pg';
 const SHUTDOWN_GRACE_MS = 1000 * Number(process.env.SHUTDOWN_GRACE_S || '10');
 const PATH = process.env.QUEUE_PG_PATH || 'fast';
@@ -103,12 +105,16 @@ class Reports {
     this.pending.push([`${PREFIX}:{${queue}}:reports`, entry]);
   }
 
+  // One pipeline per stream: in a Redis Cluster a pipeline stays within one slot.
   async flush() {
-    if (this.pending.length === 0) return;
-    const pipe = this.redis.pipeline();
-    for (const [stream, entry] of this.pending) pipe.xadd(stream, '*', ...entry);
+    const byStream = new Map();
+    for (const [stream, entry] of this.pending) {
+      if (!byStream.has(stream)) byStream.set(stream, this.redis.pipeline());
+      byStream.get(stream).xadd(stream, '*', ...entry);
+    }
     this.pending = [];
-    for (const [err] of await pipe.exec()) if (err) throw err;
+    const results = await Promise.all([...byStream.values()].map((pipe) => pipe.exec()));
+    for (const [err] of results.flat()) if (err) throw err;
   }
 }
 
@@ -128,50 +134,72 @@ async function runFast(reports, message) {
   else reports.add(queue, id, attempt, 'complete', { result: JSON.stringify(outcome.result ?? null) });
 }
 
-async function mainFast(redis, keys) {
+// The lists each pop covers: all of them on one server (highest priority first across the
+// queues); in a Redis Cluster, one queue's three (they share a slot), taken in turn. And how long
+// each pop waits: about a second per round, so that SIGTERM is noticed within a second.
+function popLists() {
+  const lists = QUEUES.map((q) => ['high', 'normal', 'low'].map((p) => `${PREFIX}:{${q}}:${p}`));
+  const pops = REDIS_CLUSTER ? lists : [[0, 1, 2].flatMap((p) => lists.map((l) => l[p]))];
+  return { pops, wait: Math.max(0.05, 1 / pops.length) };
+}
+
+async function mainFast(redis) {
   const reports = new Reports(redis);
+  const { pops, wait } = popLists();
   console.log('ready');
   while (!stopping) {
-    // Up to BATCH jobs from the first list that has any: high before normal before low.
-    const popped = await redis.blmpop(1, keys.length, ...keys, 'RIGHT', 'COUNT', BATCH);
-    if (!popped) continue;
-    for (const raw of popped[1]) {
-      if (stopping) break; // popped and never run: the start-timeout rescue dispatches these again
-      await runFast(reports, JSON.parse(raw));
+    for (const keys of pops) {
+      // Up to BATCH jobs from the first list that has any: high before normal before low.
+      const popped = await redis.blmpop(wait, keys.length, ...keys, 'RIGHT', 'COUNT', BATCH);
+      if (!popped) continue;
+      for (const raw of popped[1]) {
+        if (stopping) break; // popped and never run: the start-timeout rescue dispatches these again
+        await runFast(reports, JSON.parse(raw));
+      }
+      await reports.flush();
     }
-    await reports.flush();
   }
 }
 
-async function main() {
-  const keys = [];
-  for (const priority of ['high', 'normal', 'low']) {
-    for (const queue of QUEUES) keys.push(`${PREFIX}:{${queue}}:${priority}`);
-  }
+function connectRedis() {
   // Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
   const options = { connectTimeout: 5000, commandTimeout: 5000 };
   if (REDIS_TLS_CA_FILE) options.tls = { ca: require('fs').readFileSync(REDIS_TLS_CA_FILE) };
-  const redis = new Redis(REDIS_URL, options);
+  if (!REDIS_CLUSTER) return new Redis(REDIS_URL, options);
+  // Every node is reached as the first seed URL says (user, password, TLS).
+  const seeds = REDIS_URL.split(',');
+  const first = new URL(seeds[0]);
+  if (first.username) options.username = decodeURIComponent(first.username);
+  if (first.password) options.password = decodeURIComponent(first.password);
+  if (first.protocol === 'rediss:') options.tls = options.tls || {};
+  return new Redis.Cluster(seeds, { redisOptions: options });
+}
+
+async function main() {
+  const redis = connectRedis();
   if (PATH === 'fast') {
-    await mainFast(redis, keys);
+    await mainFast(redis);
     redis.disconnect();
     log('stopped');
     process.exit(0); // a handler abandoned after the grace period may still hold timers
   }
+  const { pops, wait } = popLists();
   const db = new Client({ connectionString: DATABASE_URL });
   await db.connect();
   console.log('ready');
   while (!stopping) {
-    const popped = await redis.brpop(...keys, 1); // short, so SIGTERM is noticed within a second
-    if (!popped) continue;
-    const message = JSON.parse(popped[1]);
-    const { rows } = await db.query(
-      'SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 AS lease_s FROM queue.start($1)',
-      [message.id],
-    );
-    if (rows.length === 0) continue; // cancelled, finished, held by another worker, or a stale duplicate
-    const job = rows[0];
-    await run(db, job.id, job.attempt, job.payload, job.lease_s);
+    for (const keys of pops) {
+      const popped = await redis.brpop(...keys, wait);
+      if (!popped) continue;
+      const message = JSON.parse(popped[1]);
+      const { rows } = await db.query(
+        'SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 AS lease_s FROM queue.start($1)',
+        [message.id],
+      );
+      if (rows.length === 0) continue; // cancelled, finished, held by another worker, or a stale duplicate
+      const job = rows[0];
+      await run(db, job.id, job.attempt, job.payload, job.lease_s);
+    }
   }
   redis.disconnect();
   await db.end();

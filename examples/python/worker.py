@@ -11,7 +11,10 @@
 Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so make
 handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL (rediss://
 for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a PEM file of the
-CAs that may sign the server's certificate; default: the system's), QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX (queue_pg),
+CAs that may sign the server's certificate; default: the system's), REDIS_CLUSTER (1: REDIS_URL
+holds comma-separated seed URLs of a Redis Cluster; the worker then pops one queue's lists at a
+time, in turn), QUEUES (comma-separated, highest priority lists first across them),
+QUEUE_PG_PREFIX (queue_pg),
 SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it is failed,
 and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for the fast path
 BATCH (10: jobs per pop) and LEASE_S (30: a job still running after a third of it is reported
@@ -28,12 +31,15 @@ import time
 
 import psycopg
 import redis
+import redis.cluster
 from psycopg.types.json import Jsonb
+from urllib.parse import urlparse as parse_url
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
 QUEUES = [q for q in os.environ.get("QUEUES", "default").split(",") if q]
 REDIS_TLS_CA_FILE = os.environ.get("REDIS_TLS_CA_FILE")
+REDIS_CLUSTER = os.environ.get("REDIS_CLUSTER") == "1"
 PREFIX = os.environ.get("QUEUE_PG_PREFIX", "queue_pg")
 SHUTDOWN_GRACE_S = float(os.environ.get("SHUTDOWN_GRACE_S", "10"))
 PATH = os.environ.get("QUEUE_PG_PATH", "fast")
@@ -168,47 +174,65 @@ def run_fast(reports, message):
         reports.add(queue, job_id, attempt, "complete", result=json.dumps(outcome["result"]))
 
 
-def main_fast(r, keys):
+def pop_lists():
+    """The lists each pop covers: all of them on one server (highest priority first across the
+    queues); in a Redis Cluster, one queue's three (they share a slot), taken in turn. And how
+    long each pop waits: about a second per round, so that SIGTERM is noticed within a second."""
+    lists = [[f"{PREFIX}:{{{q}}}:{p}" for p in ("high", "normal", "low")] for q in QUEUES]
+    pops = lists if REDIS_CLUSTER else [[k for p in range(3) for k in (l[p] for l in lists)]]
+    return pops, max(0.05, 1 / len(pops))
+
+
+def main_fast(r):
     reports = Reports(r)
+    pops, wait = pop_lists()
     print("ready", flush=True)
     while not stopping.is_set():
-        # Up to BATCH jobs from the first list that has any: high before normal before low.
-        popped = r.blmpop(1, len(keys), *keys, direction="RIGHT", count=BATCH)
-        if popped is None:
-            continue
-        for raw in popped[1]:
-            if stopping.is_set():
-                # Popped and never run: the start-timeout rescue dispatches these again.
-                break
-            run_fast(reports, json.loads(raw))
-        reports.flush()
+        for keys in pops:
+            # Up to BATCH jobs from the first list that has any: high before normal before low.
+            popped = r.blmpop(wait, len(keys), *keys, direction="RIGHT", count=BATCH)
+            if popped is None:
+                continue
+            for raw in popped[1]:
+                if stopping.is_set():
+                    # Popped and never run: the start-timeout rescue dispatches these again.
+                    break
+                run_fast(reports, json.loads(raw))
+            reports.flush()
 
 
 def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    keys = [f"{PREFIX}:{{{q}}}:{p}" for p in ("high", "normal", "low") for q in QUEUES]
     # Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
     tls = {"ssl_ca_certs": REDIS_TLS_CA_FILE} if REDIS_TLS_CA_FILE else {}
-    r = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5, **tls)
+    if REDIS_CLUSTER:
+        seeds = [redis.cluster.ClusterNode(u.hostname, u.port) for u in map(parse_url, REDIS_URL.split(","))]
+        first = REDIS_URL.split(",")[0]
+        r = redis.cluster.RedisCluster.from_url(first, startup_nodes=seeds, socket_timeout=5,
+                                                socket_connect_timeout=5, **tls)
+    else:
+        r = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5, **tls)
     if PATH == "fast":
-        main_fast(r, keys)
+        main_fast(r)
         r.close()
         log("stopped")
         return
+    pops, wait = pop_lists()
     with psycopg.connect(DATABASE_URL, autocommit=True) as db:
         print("ready", flush=True)
         while not stopping.is_set():
-            popped = r.brpop(keys, timeout=1)  # short, so SIGTERM is noticed within a second
-            if popped is None:
-                continue
-            message = json.loads(popped[1])
-            row = db.execute(
-                "SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 "
-                "FROM queue.start(%s)", (message["id"],)).fetchone()
-            if row is None:
-                continue  # cancelled, finished, held by another worker, or a stale duplicate
-            run(db, *row)
+            for keys in pops:
+                popped = r.brpop(keys, timeout=wait)
+                if popped is None:
+                    continue
+                message = json.loads(popped[1])
+                row = db.execute(
+                    "SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 "
+                    "FROM queue.start(%s)", (message["id"],)).fetchone()
+                if row is None:
+                    continue  # cancelled, finished, held by another worker, or a stale duplicate
+                run(db, *row)
     r.close()
     log("stopped")
 

@@ -15,6 +15,7 @@
 use super::context::{extension_ready, in_transaction, Context};
 use super::promote;
 use super::push::{self, InFlight, Job, Pushed};
+use super::redis_loss;
 use super::report::{Count, Level};
 use super::shared::{self, shutdown_requested};
 use super::timer::Every;
@@ -64,6 +65,8 @@ impl Dispatch {
         let mut in_flight: Option<InFlight> = None;
         let mut after_id = from.saturating_sub(1);
         let mut dispatched = 0;
+        // Jobs dispatched again because a push found their queue's Redis data lost.
+        let mut lost = 0;
         // Read another batch only after a full one: a partial batch means the backlog is empty.
         let mut read_more = true;
         loop {
@@ -90,10 +93,14 @@ impl Dispatch {
                 redis_ok &= collect(cx, batch, &mut to_mark, &mut dispatched);
             }
             read_more = step.batch.len() == limit;
+            lost += step.requeued;
             if let Some(last) = step.batch.last() {
                 after_id = last.id;
                 let keys = &cx.keys;
-                match cx.redis.run(|con| push::send(con, keys, &step.batch)) {
+                match cx
+                    .redis
+                    .run(|client| Ok(push::send(client, keys, &step.batch)))
+                {
                     Some(batch) if read_more => in_flight = Some(batch),
                     // Nothing to overlap with: take the reply now, mark it in the next step.
                     Some(batch) => {
@@ -112,12 +119,19 @@ impl Dispatch {
         // commits publish from here on. Otherwise the next drain starts where this one did.
         cx.read_from
             .drained(redis_ok && !shutdown_requested(), from);
+        // Jobs a lost queue held are `queued` again below where this drain read.
+        if lost > 0 {
+            cx.read_from.rewind();
+        }
         shared::publish_new_queues();
-        vec![Count::new(
-            dispatched,
-            Level::Debug,
-            "{n} jobs pushed to Redis",
-        )]
+        vec![
+            Count::new(dispatched, Level::Debug, "{n} jobs pushed to Redis"),
+            Count::new(
+                lost,
+                Level::Warning,
+                "Redis lost the data of a queue it served; dispatching {n} jobs again",
+            ),
+        ]
     }
 }
 
@@ -135,6 +149,8 @@ struct Opening {
 struct Step {
     opening: Option<Opening>,
     batch: Vec<Job>,
+    /// Jobs of queues whose Redis data was lost, made `queued` again.
+    requeued: usize,
     /// Read once the backlog is empty: when the next waiting job falls due (None: none waits).
     next_due_in: Option<Option<Duration>>,
 }
@@ -154,9 +170,15 @@ impl Step {
             return Step {
                 opening,
                 batch: Vec::new(),
+                requeued: 0,
                 next_due_in: None,
             };
         }
+        let requeued = acknowledged
+            .epoch_missing
+            .iter()
+            .map(|(queue, pushed)| redis_loss::requeue_lost_queue(client, queue, pushed))
+            .sum();
         push::mark_migrated(client, acknowledged);
         let also_from = opening.as_ref().and_then(|o| o.also_from);
         let batch = match read {
@@ -170,6 +192,7 @@ impl Step {
         Step {
             opening,
             batch,
+            requeued,
             next_due_in,
         }
     }
@@ -198,19 +221,26 @@ fn open(client: &mut SpiClient<'_>, sweep: Option<i64>) -> Opening {
     }
 }
 
-/// Reads the reply of a sent batch and adds it to `to_mark`; false if Redis failed.
+/// Reads the replies of a sent batch and adds what Redis acknowledged to `to_mark`; false if
+/// Redis failed (for some queues of the batch, or all).
 fn collect(
     cx: &mut Context,
     batch: InFlight,
     to_mark: &mut Pushed,
     dispatched: &mut usize,
 ) -> bool {
-    let Some(pushed) = cx.redis.run(|con| push::receive(con, batch)) else {
+    let Some((pushed, failed)) = cx.redis.run_partial(|client| {
+        let (pushed, error) = push::receive(client, batch);
+        let failed = error.is_some();
+        ((pushed, failed), error)
+    }) else {
         return false;
     };
     shared::add_dispatched(pushed.ids.len() as u64);
+    shared::add_push_batch(pushed.round_trips);
     *dispatched += pushed.ids.len();
     to_mark.ids.extend(pushed.ids);
     to_mark.seqs.extend(pushed.seqs);
-    true
+    to_mark.epoch_missing.extend(pushed.epoch_missing);
+    !failed
 }

@@ -191,6 +191,7 @@ impl Bridge {
             report::log(&self.state_sync.run(cx, now));
         }
         report::log(&self.dispatch.run(cx, now));
+        cx.redis.end_cycle();
         shared::record_cycle();
     }
 }

@@ -57,7 +57,7 @@ impl MemoryCheck {
             None => {
                 self.every.ran(now);
                 let keys = &cx.keys;
-                let Some(n) = cx.redis.run(|con| trim_dead_letters(con, keys)) else {
+                let Some(n) = cx.redis.run(|client| trim_dead_letters(client, keys)) else {
                     return Vec::new();
                 };
                 trimmed = n;
@@ -95,7 +95,7 @@ enum Slice {
 fn slice(cx: &mut Context, sweep: &mut Sweep) -> Slice {
     let until = Instant::now() + SLICE;
     while Instant::now() < until {
-        let Some(ids) = cx.redis.run(|con| sweep.scan(con)) else {
+        let Some(ids) = cx.redis.run(|client| sweep.scan(client)) else {
             return Slice::Failed;
         };
         if !ids.is_empty() {
@@ -103,7 +103,7 @@ fn slice(cx: &mut Context, sweep: &mut Sweep) -> Slice {
             let keys = &cx.keys;
             if cx
                 .redis
-                .run(|con| sweep.expire(con, keys, &ids, &live))
+                .run(|client| sweep.expire(client, keys, &ids, &live))
                 .is_none()
             {
                 return Slice::Failed;

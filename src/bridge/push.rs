@@ -1,16 +1,18 @@
-//! Dispatch's statements and Redis commands: read a batch of queued jobs, push it to Redis in one
-//! pipelined MULTI/EXEC, and mark the jobs `migrated` only after Redis acknowledged (the loop
+//! Dispatch's statements and Redis commands: read a batch of queued jobs, push it to Redis (one
+//! MULTI/EXEC per queue, one round trip per node), and mark the jobs `migrated` only after Redis acknowledged (the loop
 //! around them is `dispatch`). The mark of one batch and the read of the next share a
 //! transaction; the bridge never waits for Redis inside a transaction.
 //!
 //! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
 //! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
 
+use super::redis_loss;
 use super::shared;
 use crate::lifecycle::Sql;
 use crate::lifecycle::{JobState, Priority};
+use crate::redis::client::Sent;
 use crate::redis::wire::{self, JobHash, ListEntry};
-use crate::redis::{iso_utc, iso_utc_from_pg, Conn, Keys};
+use crate::redis::{iso_utc, iso_utc_from_pg, Client, Group, Keys, Replies};
 use crate::spi_plans::types::{INT8, INT8_ARRAY};
 use crate::spi_plans::{self, required, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
@@ -34,6 +36,11 @@ pub struct Job {
 pub struct Pushed {
     pub ids: Vec<i64>,
     pub seqs: Vec<i64>,
+    /// Queues whose epoch key was missing at this push (cluster): Redis lost what it held of
+    /// them before. With the ids of this push, which are in Redis now.
+    pub epoch_missing: Vec<(String, Vec<i64>)>,
+    /// Writes to Redis nodes it took.
+    pub round_trips: u64,
 }
 
 static READ_BATCH: Sql = Sql::new(
@@ -151,42 +158,71 @@ pub fn message(job: &Job) -> String {
     })
 }
 
-/// A batch whose MULTI/EXEC was sent to Redis and whose reply has not been read yet.
+/// A batch sent to Redis whose replies have not been read yet.
 pub struct InFlight {
-    /// Job ids per list, in push order.
-    lists: Vec<Vec<i64>>,
-    /// Commands between MULTI and EXEC.
-    commands: usize,
+    sent: Sent,
+    /// Per queue group: the queue, and its lists' job ids in push order.
+    queues: Vec<(String, Vec<Vec<i64>>)>,
+    /// Whether each queue group starts with its epoch check (cluster only).
+    epochs: bool,
+    round_trips: u64,
 }
 
-/// Sends `jobs` as one MULTI/EXEC without waiting for the reply: per list, one LPUSH of its
-/// messages in id order (so BRPOP takes the oldest first) and one INCRBY of its push counter;
-/// per job, its hash. The bridge reads the reply with [`receive`] after its next Postgres
-/// transaction, so Redis and Postgres work at the same time, and no transaction is open while
-/// the bridge waits for Redis.
-pub fn send(con: &mut Conn, keys: &Keys, jobs: &[Job]) -> Result<InFlight, String> {
-    let now = iso_utc(SystemTime::now());
-    let mut pipe = redis::pipe();
-    pipe.atomic();
+/// One queue's jobs of a batch, per list.
+type Lists<'a> = Vec<(Priority, Vec<&'a Job>)>;
 
-    // Group by list, keeping id order within each list.
-    let mut lists: Vec<((&str, Priority), Vec<&Job>)> = Vec::new();
+/// Sends `jobs` without waiting for the replies: per queue, one MULTI/EXEC in the queue's slot
+/// with, per list, one LPUSH of its messages in id order (so BRPOP takes the oldest first) and
+/// one INCRBY of its push counter; per job, its hash. The bridge reads the replies with
+/// [`receive`] after its next Postgres transaction, so Redis and Postgres work at the same time,
+/// and no transaction is open while the bridge waits for Redis.
+///
+/// In a cluster each queue's MULTI also sets the queue's epoch key (`SET NX GET`), in the same
+/// step as the push: a queue whose key was missing lived on a master that lost its data, and
+/// its earlier jobs are dispatched again (`redis_loss`).
+pub fn send(client: &mut Client, keys: &Keys, jobs: &[Job]) -> InFlight {
+    let now = iso_utc(SystemTime::now());
+    let epochs = client.is_cluster();
+    let before = client.round_trips();
+
+    // Group by queue, then by list, keeping id order within each list.
+    let mut queues: Vec<(&str, Lists)> = Vec::new();
     for job in jobs {
-        let list = (job.queue.as_str(), job.priority);
-        match lists.iter_mut().find(|(l, _)| *l == list) {
+        let lists = match queues.iter_mut().find(|(q, _)| *q == job.queue) {
+            Some((_, lists)) => lists,
+            None => {
+                queues.push((&job.queue, Vec::new()));
+                &mut queues.last_mut().expect("just pushed").1
+            }
+        };
+        match lists.iter_mut().find(|(p, _)| *p == job.priority) {
             Some((_, members)) => members.push(job),
-            None => lists.push((list, vec![job])),
+            None => lists.push((job.priority, vec![job])),
         }
     }
-    for ((queue, priority), members) in &lists {
+    let mut groups = Vec::with_capacity(queues.len() + jobs.len());
+    for (queue, lists) in &queues {
         shared::note_queue_pushed(queue);
-        let lpush = pipe.cmd("LPUSH").arg(keys.list(queue, *priority));
-        for job in members {
-            lpush.arg(message(job));
+        let mut group = Group::atomic_on_key(keys.queue_epoch(queue));
+        if epochs {
+            group
+                .cmd("SET")
+                .arg(keys.queue_epoch(queue))
+                .arg(redis_loss::epoch_token())
+                .arg("NX")
+                .arg("GET");
         }
-        pipe.cmd("INCRBY")
-            .arg(keys.pushed_counter(queue, *priority))
-            .arg(members.len());
+        for (priority, members) in lists {
+            let lpush = group.cmd("LPUSH").arg(keys.list(queue, *priority));
+            for job in members {
+                lpush.arg(message(job));
+            }
+            group
+                .cmd("INCRBY")
+                .arg(keys.pushed_counter(queue, *priority))
+                .arg(members.len());
+        }
+        groups.push(group);
     }
     for job in jobs {
         let hash = JobHash {
@@ -199,17 +235,27 @@ pub fn send(con: &mut Conn, keys: &Keys, jobs: &[Job]) -> Result<InFlight, Strin
             retry_delay_ms: None,
             failed_at: None,
         };
-        pipe.cmd("HSET").arg(keys.job(job.id)).arg(&hash);
+        let key = keys.job(job.id);
+        let mut group = Group::on_key(key.clone());
+        group.cmd("HSET").arg(key).arg(&hash);
+        groups.push(group);
     }
-    con.send_packed_command(&pipe.get_packed_pipeline())
-        .map_err(|e| e.to_string())?;
-    Ok(InFlight {
-        lists: lists
+    let sent = client.send(groups);
+    InFlight {
+        queues: queues
             .iter()
-            .map(|(_, members)| members.iter().map(|j| j.id).collect())
+            .map(|(q, lists)| {
+                let ids = lists
+                    .iter()
+                    .map(|(_, members)| members.iter().map(|j| j.id).collect())
+                    .collect();
+                (q.to_string(), ids)
+            })
             .collect(),
-        commands: pipe.len(),
-    })
+        epochs,
+        round_trips: client.round_trips() - before,
+        sent,
+    }
 }
 
 /// The list positions of `n` messages pushed in one LPUSH, given the push counter after it:
@@ -219,34 +265,65 @@ fn positions(counter: i64, n: usize) -> impl Iterator<Item = i64> {
     (0..n as i64).map(move |k| first + k)
 }
 
-/// Reads the reply of a sent batch: what Redis acknowledged, with each job's list position.
-pub fn receive(con: &mut Conn, batch: InFlight) -> Result<Pushed, String> {
-    use redis::Value;
-    // MULTI → OK, each command → QUEUED, EXEC → the array of the commands' replies.
-    for _ in 0..=batch.commands {
-        match con.recv_response().map_err(|e| e.to_string())? {
-            Value::Okay => {}
-            Value::SimpleString(s) if s == "QUEUED" => {}
-            other => return Err(format!("unexpected reply in MULTI: {other:?}")),
+/// Reads the replies of a sent batch: what Redis acknowledged, with each job's list position,
+/// and the first error (the jobs of a queue whose push failed stay `queued`).
+pub fn receive(client: &mut Client, batch: InFlight) -> (Pushed, Option<String>) {
+    let before = client.round_trips();
+    let mut replies = client.receive(batch.sent).into_iter();
+    let mut pushed = Pushed {
+        round_trips: batch.round_trips,
+        ..Pushed::default()
+    };
+    let mut error = None;
+    for (queue, lists) in batch.queues {
+        let reply = replies.next().unwrap_or_else(|| Err("no reply".into()));
+        match acknowledged(reply, &lists, batch.epochs) {
+            Ok((seqs, epoch_missing)) => {
+                let ids: Vec<i64> = lists.into_iter().flatten().collect();
+                if epoch_missing {
+                    pushed.epoch_missing.push((queue, ids.clone()));
+                }
+                pushed.seqs.extend(seqs);
+                pushed.ids.extend(ids);
+            }
+            Err(e) => {
+                error.get_or_insert(format!("pushing to queue {queue}: {e}"));
+            }
         }
     }
-    let replies = match con.recv_response().map_err(|e| e.to_string())? {
-        Value::Array(replies) => replies,
-        other => return Err(format!("EXEC failed: {other:?}")),
-    };
-    let mut pushed = Pushed::default();
-    for (g, ids) in batch.lists.into_iter().enumerate() {
-        // Replies per list: LPUSH, then INCRBY (the counter after this push).
-        let Some(Value::Int(counter)) = replies.get(2 * g + 1) else {
-            return Err(format!(
-                "unexpected INCRBY reply: {:?}",
-                replies.get(2 * g + 1)
-            ));
-        };
-        pushed.seqs.extend(positions(*counter, ids.len()));
-        pushed.ids.extend(ids);
+    // A job hash that failed to be written is written again with the job's next change; its
+    // job is in its list, so it counts as pushed.
+    if let Some(Err(e)) = replies.find(Result::is_err) {
+        error.get_or_insert(format!("writing a job hash: {e}"));
     }
-    Ok(pushed)
+    pushed.round_trips += client.round_trips() - before;
+    (pushed, error)
+}
+
+/// A queue group's EXEC replies: [the epoch's old value,] then per list LPUSH's and INCRBY's.
+fn acknowledged(
+    reply: Replies,
+    lists: &[Vec<i64>],
+    epochs: bool,
+) -> Result<(Vec<i64>, bool), String> {
+    use redis::Value;
+    let values = reply?;
+    let (epoch_missing, rest) = match (epochs, values.split_first()) {
+        (false, _) => (false, values.as_slice()),
+        (true, Some((old, rest))) => (matches!(old, Value::Nil), rest),
+        (true, None) => return Err("an empty EXEC reply".into()),
+    };
+    if rest.len() != 2 * lists.len() {
+        return Err(format!("{} replies to {} lists", rest.len(), lists.len()));
+    }
+    let mut seqs = Vec::new();
+    for (ids, pair) in lists.iter().zip(rest.chunks(2)) {
+        let Value::Int(counter) = pair[1] else {
+            return Err(format!("unexpected INCRBY reply: {:?}", pair[1]));
+        };
+        seqs.extend(positions(counter, ids.len()));
+    }
+    Ok((seqs, epoch_missing))
 }
 
 #[cfg(test)]

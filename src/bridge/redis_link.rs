@@ -1,8 +1,13 @@
 //! The bridge's Redis connection: connects lazily, retries with a capped exponential backoff
 //! while Redis is unreachable, and logs once per change of state (never once per attempt).
+//!
+//! The state is judged per cycle of the worker that owns the link ([`RedisLink::end_cycle`]): a
+//! cycle in which any step failed leaves Redis unreachable, one whose steps all succeeded makes
+//! it reachable. A cluster with one master down answers some steps and fails others; judged per
+//! step, it would log a change twice per cycle.
 
 use super::shared;
-use crate::redis::{Conn, Target};
+use crate::redis::{Client, Target};
 use crate::settings;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -16,7 +21,7 @@ pub struct RedisLink {
     /// Whether this link's state is the one `health()` shows (the bridge's).
     publish: bool,
     target: Target,
-    con: Option<Conn>,
+    con: Option<Client>,
     /// While Redis is down: when to try again, and the delay after that.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -24,6 +29,9 @@ pub struct RedisLink {
     reachable: Option<bool>,
     /// A connection was opened and nothing has checked yet whether Redis kept its data.
     fresh: bool,
+    /// This cycle so far: its first failure, and whether a step succeeded.
+    cycle_error: Option<String>,
+    cycle_ok: bool,
 }
 
 impl RedisLink {
@@ -42,6 +50,8 @@ impl RedisLink {
             backoff: FIRST_RETRY,
             reachable: None,
             fresh: false,
+            cycle_error: None,
+            cycle_ok: false,
         }
     }
 
@@ -72,28 +82,16 @@ impl RedisLink {
             let deadline = Instant::now() + settings::redis_timeout();
             // A wait on Redis ends early when the bridge is asked to stop (SIGTERM), so that a
             // fast shutdown stays fast with a frozen Redis.
-            let opened = Conn::open(&self.target, deadline, shared::shutdown_requested)
-                .and_then(|mut con| name_connection(&mut con, self.label).map(|_| con));
+            let opened = Client::open(
+                &self.target,
+                deadline,
+                shared::shutdown_requested,
+                Some(self.label),
+            );
             match opened {
                 Ok(con) => {
-                    if self.reachable != Some(true) {
-                        let again = if self.reachable.is_some() {
-                            " again"
-                        } else {
-                            ""
-                        };
-                        log!(
-                            "{}: Redis at {} reachable{again}",
-                            self.label,
-                            self.target.redacted()
-                        );
-                    }
-                    self.reachable = Some(true);
-                    if self.publish {
-                        shared::set_redis_connected(true);
-                    }
-                    self.retry_at = None;
-                    self.backoff = FIRST_RETRY;
+                    // Reachable once a step on it succeeds: a cluster may accept the
+                    // connection and still fail every step (a master down).
                     self.con = Some(con);
                     self.fresh = true;
                 }
@@ -111,10 +109,15 @@ impl RedisLink {
         self.con.is_some()
     }
 
+    /// Whether the open connection is to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.con.as_ref().is_some_and(Client::is_cluster)
+    }
+
     /// Runs `f` on the open connection: one step, which waits on Redis at most
     /// `queue.redis_timeout` in all. On an error, drops the connection (it may be mid-reply)
     /// and backs off. None if no connection is open or `f` failed.
-    pub fn run<R>(&mut self, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> Option<R> {
+    pub fn run<R>(&mut self, f: impl FnOnce(&mut Client) -> Result<R, String>) -> Option<R> {
         self.run_for(Duration::ZERO, f)
     }
 
@@ -123,18 +126,42 @@ impl RedisLink {
     pub fn run_for<R>(
         &mut self,
         block: Duration,
-        f: impl FnOnce(&mut Conn) -> Result<R, String>,
+        f: impl FnOnce(&mut Client) -> Result<R, String>,
     ) -> Option<R> {
         let deadline = Instant::now() + block + settings::redis_timeout();
         let con = self.con.as_mut()?;
         con.set_deadline(deadline);
         match f(con) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                self.succeeded();
+                Some(r)
+            }
             Err(e) => {
                 self.failed(e);
                 None
             }
         }
+    }
+
+    /// Like [`RedisLink::run`], for a step whose result is worth keeping even when part of it
+    /// failed (a batch some of whose queues were pushed): `f` returns both.
+    pub fn run_partial<R>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> (R, Option<String>),
+    ) -> Option<R> {
+        let deadline = Instant::now() + settings::redis_timeout();
+        let con = self.con.as_mut()?;
+        con.set_deadline(deadline);
+        let (r, error) = f(con);
+        match error {
+            None => self.succeeded(),
+            Some(e) => self.failed(e),
+        }
+        Some(r)
+    }
+
+    fn succeeded(&mut self) {
+        self.cycle_ok = true;
     }
 
     /// Whether the open connection is new and nothing has checked yet whether Redis kept its
@@ -156,25 +183,56 @@ impl RedisLink {
         if shared::shutdown_requested() {
             return; // the wait was cut short to stop, Redis is not at fault
         }
-        if self.reachable != Some(false) {
-            let meanwhile = if self.publish {
-                "jobs stay in Postgres and are pushed when it is back"
-            } else {
-                "reports wait in Redis and are applied when it is back"
-            };
-            warning!(
-                "{}: Redis at {} unreachable: {error}; {meanwhile}",
-                self.label,
-                self.target.redacted()
-            );
-        }
         if self.publish {
             shared::record_error(&error);
-            shared::set_redis_connected(false);
         }
-        self.reachable = Some(false);
+        self.cycle_error.get_or_insert(error);
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_RETRY);
+    }
+
+    /// At the end of each cycle: logs a change of state, and after a cycle without failures
+    /// the backoff starts over.
+    pub fn end_cycle(&mut self) {
+        let ok = std::mem::take(&mut self.cycle_ok);
+        let reachable = match self.cycle_error.take() {
+            Some(error) => {
+                if self.reachable != Some(false) {
+                    let meanwhile = if self.publish {
+                        "jobs stay in Postgres and are pushed when it is back"
+                    } else {
+                        "reports wait in Redis and are applied when it is back"
+                    };
+                    warning!(
+                        "{}: Redis at {} unreachable: {error}; {meanwhile}",
+                        self.label,
+                        self.target.redacted()
+                    );
+                }
+                false
+            }
+            None if ok => {
+                if self.reachable != Some(true) {
+                    let again = if self.reachable.is_some() {
+                        " again"
+                    } else {
+                        ""
+                    };
+                    log!(
+                        "{}: Redis at {} reachable{again}",
+                        self.label,
+                        self.target.redacted()
+                    );
+                }
+                self.backoff = FIRST_RETRY;
+                true
+            }
+            None => return,
+        };
+        self.reachable = Some(reachable);
+        if self.publish {
+            shared::set_redis_connected(reachable);
+        }
     }
 
     /// How long until the next connection attempt is due (None when connected).
@@ -182,21 +240,5 @@ impl RedisLink {
         self.retry_at
             .filter(|_| self.con.is_none())
             .map(|at| at.saturating_duration_since(Instant::now()))
-    }
-}
-
-/// Names the connection after its worker ("queue_pg-bridge"), so that `CLIENT LIST` shows whose it
-/// is. A refusal (an ACL user without `CLIENT`) leaves it unnamed; only a broken connection is an
-/// error.
-fn name_connection(con: &mut Conn, label: &str) -> Result<(), String> {
-    match redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(label.replace(' ', "-"))
-        .query::<()>(con)
-    {
-        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-            Err(e.to_string())
-        }
-        _ => Ok(()),
     }
 }

@@ -9,7 +9,7 @@ use super::context::{extension_ready, in_transaction, Context};
 use super::report::{Count, Level};
 use super::timer::Every;
 use crate::lifecycle::{Priority, Sql};
-use crate::redis::{Conn, Keys};
+use crate::redis::{Client, Group, Keys};
 use crate::settings;
 use crate::spi_plans::required;
 use pgrx::spi::SpiClient;
@@ -79,7 +79,7 @@ impl Rescue {
             return 0;
         };
         let keys = &cx.keys;
-        let Some(popped) = cx.redis.run(|con| popped_counts(con, keys, &lists)) else {
+        let Some(popped) = cx.redis.run(|client| popped_counts(client, keys, &lists)) else {
             return 0;
         };
         let timeout = Duration::from_millis(settings::start_timeout_ms() as u64);
@@ -105,22 +105,31 @@ fn migrated_lists(client: &SpiClient<'_>) -> Vec<(String, Priority)> {
         .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: listing migrated jobs failed: {e}"))
 }
 
-/// For each list, how many of its messages have left it (`pushed - LLEN`), in one round trip.
+/// For each list, how many of its messages have left it (`pushed - LLEN`), in one round trip
+/// per node.
 fn popped_counts(
-    con: &mut Conn,
+    client: &mut Client,
     keys: &Keys,
     lists: &[(String, Priority)],
 ) -> Result<Vec<i64>, String> {
-    let mut pipe = redis::pipe();
-    for (queue, priority) in lists {
-        pipe.cmd("GET").arg(keys.pushed_counter(queue, *priority));
-        pipe.cmd("LLEN").arg(keys.list(queue, *priority));
-    }
-    let replies: Vec<(Option<i64>, i64)> = pipe.query(con).map_err(|e| e.to_string())?;
-    Ok(replies
+    let groups = lists
+        .iter()
+        .map(|(queue, priority)| {
+            let mut g = Group::on_key(keys.list(queue, *priority));
+            g.cmd("GET").arg(keys.pushed_counter(queue, *priority));
+            g.cmd("LLEN").arg(keys.list(queue, *priority));
+            g
+        })
+        .collect();
+    client
+        .run_all(groups)?
         .into_iter()
-        .map(|(pushed, len)| pushed.unwrap_or(0) - len)
-        .collect())
+        .map(|replies| {
+            let (pushed, len): (Option<i64>, i64) =
+                redis::from_redis_value(redis::Value::Array(replies)).map_err(|e| e.to_string())?;
+            Ok(pushed.unwrap_or(0) - len)
+        })
+        .collect()
 }
 
 /// Per list, how far it had been popped (`pushed - LLEN`) at each tick, for `start_timeout`.

@@ -14,6 +14,10 @@ pub struct BridgeShared {
     /// Unix time in microseconds when the bridge last finished a cycle.
     last_cycle_us: AtomicI64,
     dispatched_total: AtomicU64,
+    /// Batches dispatch pushed, and the writes to Redis nodes they took (one per node per
+    /// batch, more after cluster redirects).
+    push_batches_total: AtomicU64,
+    push_round_trips_total: AtomicU64,
     /// Failed attempts scheduled for a retry, and jobs that died (moved to the dead letters),
     /// as the bridge applied them to Redis.
     retried_total: AtomicU64,
@@ -197,6 +201,15 @@ pub fn add_dispatched(n: u64) {
     }
 }
 
+/// A batch was pushed in `round_trips` writes to Redis nodes.
+pub fn add_push_batch(round_trips: u64) {
+    if let Some(s) = shared() {
+        s.push_batches_total.fetch_add(1, Ordering::Relaxed);
+        s.push_round_trips_total
+            .fetch_add(round_trips, Ordering::Relaxed);
+    }
+}
+
 pub fn add_outcomes(retried: u64, dead_lettered: u64) {
     if let Some(s) = shared() {
         s.retried_total.fetch_add(retried, Ordering::Relaxed);
@@ -230,6 +243,8 @@ pub struct BridgeStatus {
     pub pid: i32,
     pub last_cycle_us: i64,
     pub dispatched_total: u64,
+    pub push_batches_total: u64,
+    pub push_round_trips_total: u64,
     pub retried_total: u64,
     pub dead_lettered_total: u64,
     pub errors_total: u64,
@@ -245,6 +260,8 @@ pub fn status() -> Option<BridgeStatus> {
             pid: s.pid.load(Ordering::Acquire),
             last_cycle_us: s.last_cycle_us.load(Ordering::Relaxed),
             dispatched_total: s.dispatched_total.load(Ordering::Relaxed),
+            push_batches_total: s.push_batches_total.load(Ordering::Relaxed),
+            push_round_trips_total: s.push_round_trips_total.load(Ordering::Relaxed),
             retried_total: s.retried_total.load(Ordering::Relaxed),
             dead_lettered_total: s.dead_lettered_total.load(Ordering::Relaxed),
             errors_total: s.errors_total.load(Ordering::Relaxed),

@@ -12,7 +12,7 @@ use super::{outcomes, shared};
 use crate::lifecycle::Sql;
 use crate::lifecycle::{JobState, Priority};
 use crate::redis::wire::{self, DeadLetterEntry, JobHash};
-use crate::redis::{iso_utc, iso_utc_from_pg, Conn, Keys};
+use crate::redis::{iso_utc, iso_utc_from_pg, Client, Group, Keys};
 use crate::settings;
 use crate::spi_plans::types::INT8;
 use crate::spi_plans::{optional, required, with_plan};
@@ -63,23 +63,14 @@ static READ_OUTBOX: Sql = Sql::new(
         LIMIT 1) j ON true",
 );
 
-/// Adds the dead-letter entry once: the marker doubles as the guard against a second LPUSH.
-const ADD_DEAD_LETTER: &str = "
-    if redis.call('SET', KEYS[1], 'moved', 'NX', 'EX', ARGV[1]) then
-        redis.call('LPUSH', KEYS[2], ARGV[2])
-        return 1
-    end
-    return 0";
-
-/// Removes the job's entries (they start with ARGV[1]) from the dead-letter list, and its marker.
-const REMOVE_DEAD_LETTER: &str = "
+/// Removes the job's entries (they start with ARGV[1]) from the dead-letter list.
+const REMOVE_DEAD_LETTERS_OF: &str = "
     local removed = 0
     for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
         if string.sub(item, 1, #ARGV[1]) == ARGV[1] then
             removed = removed + redis.call('LREM', KEYS[1], 0, item)
         end
     end
-    redis.call('DEL', KEYS[2])
     return removed";
 
 /// At most this many outbox rows per Redis round trip.
@@ -120,7 +111,11 @@ impl StateSync {
                     break;
                 }
                 let keys = &cx.keys;
-                if cx.redis.run(|con| apply(con, keys, &changes)).is_none() {
+                if cx
+                    .redis
+                    .run(|client| apply(client, keys, &changes))
+                    .is_none()
+                {
                     break;
                 }
                 applied += changes.len();
@@ -214,23 +209,28 @@ fn dead_letter_entry(id: i64, job: &JobNow, payload: &RawValue) -> String {
     })
 }
 
-/// Applies the changes to Redis in one pipelined round trip: removals of replayed jobs'
-/// dead-letter entries first, then each job's hash (once per job) and, for dead jobs, their entry.
-fn apply(con: &mut Conn, keys: &Keys, changes: &[Change]) -> Result<(), String> {
+/// Applies the changes to Redis: removals of replayed jobs' dead-letter entries and markers,
+/// each job's hash (once per job), and whether dead jobs' markers exist, in one round trip per
+/// node; then, in a second, the entries and markers of dead jobs that had none. The list and a
+/// marker live in different cluster slots, so the marker is set after the entry: a crash in
+/// between means an entry twice (which a replay removes), never a dead job without one.
+fn apply(client: &mut Client, keys: &Keys, changes: &[Change]) -> Result<(), String> {
     let now = iso_utc(SystemTime::now());
     let hash_ttl = settings::job_hash_ttl_s();
-    let dead_ttl = settings::dead_letter_ttl_s();
-    let mut pipe = redis::pipe();
+    let mut groups = Vec::new();
     for c in changes.iter().filter(|c| c.replayed) {
-        pipe.cmd("EVAL")
-            .arg(REMOVE_DEAD_LETTER)
-            .arg(2)
+        let mut list = Group::on_key(keys.dead_letter_list());
+        list.cmd("EVAL")
+            .arg(REMOVE_DEAD_LETTERS_OF)
+            .arg(1)
             .arg(keys.dead_letter_list())
-            .arg(keys.dead_letter_marker(c.job_id))
-            .arg(wire::dead_letter_prefix(c.job_id))
-            .ignore();
+            .arg(wire::dead_letter_prefix(c.job_id));
+        let mut marker = Group::on_key(keys.dead_letter_marker(c.job_id));
+        marker.cmd("DEL").arg(keys.dead_letter_marker(c.job_id));
+        groups.extend([list, marker]);
     }
     let mut seen = std::collections::HashSet::new();
+    let mut dead = Vec::new();
     for c in changes {
         let Some(job) = c.job.as_ref().filter(|_| seen.insert(c.job_id)) else {
             continue;
@@ -246,22 +246,44 @@ fn apply(con: &mut Conn, keys: &Keys, changes: &[Change]) -> Result<(), String> 
             retry_delay_ms: job.retry_delay_ms,
             failed_at: job.failed_at.as_deref(),
         };
-        pipe.cmd("HSET").arg(&key).arg(&hash).ignore();
+        let mut group = Group::on_key(key.clone());
+        group.cmd("HSET").arg(&key).arg(&hash);
         if hash.expires() {
-            pipe.cmd("EXPIRE").arg(&key).arg(hash_ttl).ignore();
+            group.cmd("EXPIRE").arg(&key).arg(hash_ttl);
         } else {
-            pipe.cmd("PERSIST").arg(&key).ignore();
+            group.cmd("PERSIST").arg(&key);
         }
+        groups.push(group);
         if let Some(payload) = &job.payload {
-            pipe.cmd("EVAL")
-                .arg(ADD_DEAD_LETTER)
-                .arg(2)
-                .arg(keys.dead_letter_marker(c.job_id))
-                .arg(keys.dead_letter_list())
-                .arg(dead_ttl)
-                .arg(dead_letter_entry(c.job_id, job, payload))
-                .ignore();
+            let mut marker = Group::on_key(keys.dead_letter_marker(c.job_id));
+            marker.cmd("EXISTS").arg(keys.dead_letter_marker(c.job_id));
+            dead.push((
+                c.job_id,
+                dead_letter_entry(c.job_id, job, payload),
+                groups.len(),
+            ));
+            groups.push(marker);
         }
     }
-    pipe.query::<()>(con).map_err(|e| e.to_string())
+    let replies = client.run_all(groups)?;
+    let dead_ttl = settings::dead_letter_ttl_s();
+    let mut second = Vec::new();
+    for (id, entry, exists) in dead {
+        if matches!(replies[exists].first(), Some(redis::Value::Int(0))) {
+            let mut list = Group::on_key(keys.dead_letter_list());
+            list.cmd("LPUSH").arg(keys.dead_letter_list()).arg(entry);
+            let mut marker = Group::on_key(keys.dead_letter_marker(id));
+            marker
+                .cmd("SET")
+                .arg(keys.dead_letter_marker(id))
+                .arg("moved")
+                .arg("EX")
+                .arg(dead_ttl);
+            second.extend([list, marker]);
+        }
+    }
+    if !second.is_empty() {
+        client.run_all(second)?;
+    }
+    Ok(())
 }

@@ -8,7 +8,7 @@ use crate::extension::{self, Installed, LIBRARY_VERSION};
 use crate::lifecycle::{JobState, Priority};
 use crate::redis::iso_utc;
 use crate::reports::shared::{self as reports_shared, ReportsStatus};
-use crate::settings;
+use crate::settings::{self, RedisMode};
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
 use serde_json::{json, Map, Value};
@@ -231,6 +231,19 @@ fn document(
             "memory_used": redis.memory_used,
             "memory_used_percentage": memory_pct,
             "connected_clients": redis.connected_clients,
+            "mode": match settings::redis_mode() {
+                RedisMode::Standalone => "standalone",
+                RedisMode::Cluster => "cluster",
+            },
+            "nodes": redis.nodes.iter().map(|n| json!({
+                "addr": n.addr,
+                "role": n.role,
+                "reachable": n.error.is_none(),
+                "memory_used": n.memory_used,
+                "maxmemory": n.max_memory,
+                "connected_clients": n.connected_clients,
+                "error": n.error,
+            })).collect::<Vec<_>>(),
             "error": redis.error,
         },
         "queues": per_queue,
@@ -249,6 +262,8 @@ fn document(
             }),
             "lag_ms": lag_ms,
             "dispatched_total": bridge.map(|b| b.dispatched_total),
+            "push_batches_total": bridge.map(|b| b.push_batches_total),
+            "push_round_trips_total": bridge.map(|b| b.push_round_trips_total),
             "errors_total": bridge.map(|b| b.errors_total),
             "last_error": bridge.and_then(|b| b.last_error.clone()),
         },

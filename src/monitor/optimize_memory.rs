@@ -5,7 +5,7 @@
 use crate::api::errors::raise;
 use crate::lifecycle::unfinished_among;
 use crate::redis::upkeep::{memory, trim_dead_letters, Sweep};
-use crate::redis::{connect_for_call, Conn, Keys, Target};
+use crate::redis::{connect_for_call, Client, Keys, Target};
 use crate::settings;
 use pgrx::datum::JsonB;
 use pgrx::prelude::*;
@@ -23,7 +23,11 @@ fn redis_failed(code: PgSqlErrorCode, error: &str, target: &Target) -> ! {
 
 /// One Redis step of `optimize_memory`; an ERROR if it fails. Every step shares the call's one
 /// deadline (`queue.redis_timeout` from the start of the call).
-fn call<R>(con: &mut Conn, target: &Target, f: impl FnOnce(&mut Conn) -> Result<R, String>) -> R {
+fn call<R>(
+    con: &mut Client,
+    target: &Target,
+    f: impl FnOnce(&mut Client) -> Result<R, String>,
+) -> R {
     f(con).unwrap_or_else(|e| {
         check_for_interrupts!(); // a cancelled query says so, not "Redis failed"
         redis_failed(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE, &e, target)

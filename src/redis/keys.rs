@@ -32,6 +32,12 @@ impl Keys {
         format!("{}:{{{}}}:reports", self.prefix, queue)
     }
 
+    /// `queue_pg:{emails}:epoch`: in a Redis Cluster, set by the bridge in the queue's slot; if it
+    /// disappears, the master serving the queue lost its data.
+    pub fn queue_epoch(&self, queue: &str) -> String {
+        format!("{}:{{{}}}:epoch", self.prefix, queue)
+    }
+
     /// `queue_pg:job:42`: the job's status hash.
     pub fn job(&self, id: i64) -> String {
         format!("{}{}", self.job_prefix(), id)

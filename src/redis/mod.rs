@@ -1,25 +1,28 @@
 //! Everything that talks to Redis: connections with timeouts, key names, the wire format of what
 //! queue_pg writes there (`wire`), and its time format.
 
+pub mod client;
 pub mod conn;
 pub mod keys;
 pub mod report;
+pub mod slots;
 pub mod target;
 pub mod tls;
 pub mod upkeep;
 pub mod wire;
 
+pub use client::{Client, Group, Replies};
 pub use conn::Conn;
 pub use keys::Keys;
 pub use target::Target;
 
 use std::time::Instant;
 
-/// A connection for one SQL call: the call's deadline is `queue.redis_timeout` from now, and a
+/// Connections for one SQL call: the call's deadline is `queue.redis_timeout` from now, and a
 /// cancelled query or a terminated backend stops the wait (its next CHECK_FOR_INTERRUPTS acts).
-pub fn connect_for_call(target: &Target) -> Result<Conn, String> {
+pub fn connect_for_call(target: &Target) -> Result<Client, String> {
     let deadline = Instant::now() + crate::settings::redis_timeout();
-    Conn::open(target, deadline, backend_interrupted)
+    Client::open(target, deadline, backend_interrupted, None)
 }
 
 fn backend_interrupted() -> bool {

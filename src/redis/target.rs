@@ -4,13 +4,15 @@
 
 use super::conn::{redact, scrub};
 use super::tls::Verify;
-use crate::settings;
+use crate::settings::{self, RedisMode};
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
-    /// `redis://` or `rediss://` (TLS), `[user[:password]@]host[:port][/db]`.
+    /// `redis://` or `rediss://` (TLS), `[user[:password]@]host[:port][/db]`; in cluster mode,
+    /// comma-separated seed URLs.
     pub url: String,
+    pub mode: RedisMode,
     /// PEM file of the certificates that may sign the server's ("": the system's store).
     pub tls_ca_file: String,
     /// No verification of the server's certificate at all: self-signed test setups only.
@@ -35,6 +37,7 @@ impl Target {
     pub fn from_settings() -> Target {
         Target {
             url: settings::redis_url(),
+            mode: settings::redis_mode(),
             tls_ca_file: settings::redis_tls_ca_file(),
             tls_insecure_skip_verify: settings::redis_tls_insecure_skip_verify(),
             password_file: settings::redis_password_file(),
@@ -46,6 +49,7 @@ impl Target {
     pub fn url(url: &str) -> Target {
         Target {
             url: url.to_owned(),
+            mode: RedisMode::Standalone,
             tls_ca_file: String::new(),
             tls_insecure_skip_verify: false,
             password_file: String::new(),
@@ -54,12 +58,50 @@ impl Target {
 
     /// The URL as it may be shown: without its password.
     pub fn redacted(&self) -> String {
-        redact(&self.url)
+        self.urls().map(redact).collect::<Vec<_>>().join(",")
     }
 
     /// `message` without the URL's password.
     pub fn scrub(&self, message: &str) -> String {
-        scrub(message, &self.url)
+        self.urls()
+            .fold(message.to_owned(), |m, url| scrub(&m, url))
+    }
+
+    fn urls(&self) -> impl Iterator<Item = &str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty())
+    }
+
+    /// A cluster's seeds: one target per URL, with the same TLS and password settings.
+    pub fn seeds(&self) -> Vec<Target> {
+        self.urls()
+            .map(|url| Target {
+                url: url.to_owned(),
+                ..self.clone()
+            })
+            .collect()
+    }
+
+    /// The node at `host:port` of the cluster this (seed) target belongs to: the same scheme,
+    /// user, password and database, another address.
+    pub fn at(&self, host: &str, port: u16) -> Target {
+        let url = self.urls().next().unwrap_or_default();
+        let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+        let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+        let userinfo = authority.rfind('@').map_or("", |at| &authority[..=at]);
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let path = if path.is_empty() {
+            String::new()
+        } else {
+            format!("/{path}")
+        };
+        Target {
+            url: format!("{scheme}://{userinfo}{host}:{port}{path}"),
+            ..self.clone()
+        }
     }
 
     /// Parses the URL and reads the password file. Errors never contain a secret.
@@ -179,6 +221,26 @@ mod tests {
             .endpoint()
             .unwrap_err()
             .contains("queue.redis_password_file"));
+    }
+
+    #[test]
+    fn cluster_seeds_and_nodes_keep_scheme_user_and_password() {
+        let mut t = Target::url("rediss://u:pw@10.0.0.1:7000, rediss://u:pw@10.0.0.2:7000");
+        t.mode = RedisMode::Cluster;
+        let seeds = t.seeds();
+        assert_eq!(seeds.len(), 2);
+        assert_eq!(seeds[1].url, "rediss://u:pw@10.0.0.2:7000");
+        assert_eq!(seeds[1].mode, RedisMode::Cluster);
+        assert_eq!(t.at("10.0.0.3", 7001).url, "rediss://u:pw@10.0.0.3:7001");
+        assert_eq!(
+            Target::url("redis://h:1/0").at("::1", 7).url,
+            "redis://[::1]:7/0"
+        );
+        assert_eq!(
+            t.redacted(),
+            "rediss://u:***@10.0.0.1:7000,rediss://u:***@10.0.0.2:7000"
+        );
+        assert!(!t.scrub("at rediss://u:pw@10.0.0.2:7000: pw").contains("pw"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Redis memory upkeep, used by `queue.optimize_memory()` and by the bridge's memory check:
 //!
-//! - Job hashes: SCAN (never KEYS) over `<prefix>:job:*`; a hash without a TTL whose job Postgres
+//! - Job hashes: SCAN (never KEYS) over `<prefix>:job:*`, master by master; a hash without a TTL whose job Postgres
 //!   shows finished, or no longer has, gets `queue.job_hash_ttl`. Postgres decides, not the
 //!   hash's own `status` field (which may be stale); the hash of an unfinished job is never
 //!   touched, and nothing is deleted.
@@ -8,7 +8,7 @@
 //!   the list is trimmed, again and again. Dead jobs stay in Postgres (`queue.dead_letters`),
 //!   which is their durable record; the Redis list is a copy for workers and dashboards.
 
-use super::{info_field, Conn, Keys};
+use super::{info_field, Client, Group, Keys};
 use crate::settings;
 use std::collections::HashSet;
 
@@ -19,17 +19,6 @@ const PRESSURE: f64 = 0.8;
 /// At most this many halvings of the dead-letter list per check.
 const MAX_TRIMS: usize = 16;
 
-/// Gives a TTL to each key that has none (the bridge may have set one meanwhile).
-const EXPIRE_IF_NO_TTL: &str = "
-    local n = 0
-    for _, key in ipairs(KEYS) do
-        if redis.call('TTL', key) == -1 then
-            redis.call('EXPIRE', key, ARGV[1])
-            n = n + 1
-        end
-    end
-    return n";
-
 #[derive(Default, Debug)]
 pub struct Report {
     pub scanned: u64,
@@ -39,10 +28,12 @@ pub struct Report {
     pub trimmed: u64,
 }
 
-/// One pass over the job hashes, resumable between calls.
+/// One pass over the job hashes of every master, resumable between calls.
 pub struct Sweep {
+    /// The masters to scan (read from the client at the first scan), and which one is next.
+    nodes: Option<Vec<String>>,
+    node: usize,
     cursor: u64,
-    started: bool,
     pattern: String,
     id_prefix: String,
     pub report: Report,
@@ -51,8 +42,9 @@ pub struct Sweep {
 impl Sweep {
     pub fn new(keys: &Keys) -> Self {
         Sweep {
+            nodes: None,
+            node: 0,
             cursor: 0,
-            started: false,
             pattern: format!("{}*", glob_escape(&keys.job_prefix())),
             id_prefix: keys.job_prefix(),
             report: Report::default(),
@@ -60,45 +52,55 @@ impl Sweep {
     }
 
     pub fn done(&self) -> bool {
-        self.started && self.cursor == 0
+        self.nodes.as_ref().is_some_and(|n| self.node >= n.len())
     }
 
-    /// One SCAN call; returns the ids of the job hashes it found that have no TTL.
-    pub fn scan(&mut self, con: &mut Conn) -> Result<Vec<i64>, String> {
-        let (cursor, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(self.cursor)
+    /// One SCAN call on the current master; returns the ids of the job hashes it found that
+    /// have no TTL.
+    pub fn scan(&mut self, client: &mut Client) -> Result<Vec<i64>, String> {
+        let nodes = self.nodes.get_or_insert_with(|| client.masters());
+        let Some(addr) = nodes.get(self.node) else {
+            return Ok(Vec::new());
+        };
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(self.cursor)
             .arg("MATCH")
             .arg(&self.pattern)
             .arg("COUNT")
             .arg(SCAN_COUNT)
             .arg("TYPE")
-            .arg("hash")
-            .query(con)
-            .map_err(|e| e.to_string())?;
+            .arg("hash");
+        let (cursor, found): (u64, Vec<String>) = client.query_node(addr, scan)?;
         self.cursor = cursor;
-        self.started = true;
+        if cursor == 0 {
+            self.node += 1;
+        }
         self.report.scanned += found.len() as u64;
         if found.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for key in &found {
-            pipe.cmd("TTL").arg(key);
-        }
-        let ttls: Vec<i64> = pipe.query(con).map_err(|e| e.to_string())?;
+        let groups = found
+            .iter()
+            .map(|key| {
+                let mut g = Group::on_key(key.clone());
+                g.cmd("TTL").arg(key);
+                g
+            })
+            .collect();
+        let ttls = client.run_all(groups)?;
         Ok(found
             .iter()
             .zip(ttls)
-            .filter(|(_, ttl)| *ttl == -1)
+            .filter(|(_, ttl)| matches!(ttl.first(), Some(redis::Value::Int(-1))))
             .filter_map(|(key, _)| key.strip_prefix(&self.id_prefix)?.parse().ok())
             .collect())
     }
 
-    /// Gives `queue.job_hash_ttl` to the hashes of `ids` that still have no TTL, except those
-    /// of the `unfinished` jobs.
+    /// Gives `queue.job_hash_ttl` to the hashes of `ids` that still have no TTL (`EXPIRE NX`:
+    /// the bridge may have set one meanwhile), except those of the `unfinished` jobs.
     pub fn expire(
         &mut self,
-        con: &mut Conn,
+        client: &mut Client,
         keys: &Keys,
         ids: &[i64],
         unfinished: &HashSet<i64>,
@@ -109,17 +111,20 @@ impl Sweep {
             .map(|&id| keys.job(id))
             .collect();
         self.report.kept += (ids.len() - finished.len()) as u64;
-        if finished.is_empty() {
-            return Ok(());
-        }
-        let n: u64 = redis::cmd("EVAL")
-            .arg(EXPIRE_IF_NO_TTL)
-            .arg(finished.len())
-            .arg(&finished)
-            .arg(settings::job_hash_ttl_s())
-            .query(con)
-            .map_err(|e| e.to_string())?;
-        self.report.expired += n;
+        let ttl = settings::job_hash_ttl_s();
+        let groups = finished
+            .iter()
+            .map(|key| {
+                let mut g = Group::on_key(key.clone());
+                g.cmd("EXPIRE").arg(key).arg(ttl).arg("NX");
+                g
+            })
+            .collect();
+        let replies = client.run_all(groups)?;
+        self.report.expired += replies
+            .iter()
+            .filter(|r| matches!(r.first(), Some(redis::Value::Int(1))))
+            .count() as u64;
         Ok(())
     }
 }
@@ -136,40 +141,52 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Redis's `used_memory` and `maxmemory` (0: no limit).
-pub fn memory(con: &mut Conn) -> Result<(i64, i64), String> {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query(con)
-        .map_err(|e| e.to_string())?;
-    let field = |name| info_field(&info, name).ok_or(format!("Redis's INFO memory has no {name}"));
+/// Redis's `used_memory` and `maxmemory` (0: no limit), summed over the masters.
+pub fn memory(client: &mut Client) -> Result<(i64, i64), String> {
+    let (mut used, mut max) = (0, 0);
+    for addr in client.masters() {
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        let (u, m) = parse_memory(&client.query_node::<String>(&addr, info)?)?;
+        used += u;
+        max += m;
+    }
+    Ok((used, max))
+}
+
+/// `used_memory` and `maxmemory` of the node serving `key`.
+fn memory_at(client: &mut Client, key: &str) -> Result<(i64, i64), String> {
+    let mut info = redis::cmd("INFO");
+    info.arg("memory");
+    parse_memory(&client.query::<String>(key, info)?)
+}
+
+fn parse_memory(info: &str) -> Result<(i64, i64), String> {
+    let field = |name| info_field(info, name).ok_or(format!("Redis's INFO memory has no {name}"));
     Ok((field("used_memory")?, field("maxmemory")?))
 }
 
-/// While Redis uses more than 80 % of its maxmemory, drops the older half of the dead-letter
-/// list (entries are LPUSHed: the newest are at the head). Returns how many entries went.
-pub fn trim_dead_letters(con: &mut Conn, keys: &Keys) -> Result<u64, String> {
+/// While the node holding the dead-letter list uses more than 80 % of its maxmemory, drops the
+/// older half of the list (entries are LPUSHed: the newest are at the head). Returns how many
+/// entries went.
+pub fn trim_dead_letters(client: &mut Client, keys: &Keys) -> Result<u64, String> {
     let list = keys.dead_letter_list();
     let mut trimmed = 0;
     for _ in 0..MAX_TRIMS {
-        let (used, max) = memory(con)?;
+        let (used, max) = memory_at(client, &list)?;
         if max <= 0 || (used as f64) <= PRESSURE * max as f64 {
             break;
         }
-        let len: i64 = redis::cmd("LLEN")
-            .arg(&list)
-            .query(con)
-            .map_err(|e| e.to_string())?;
+        let mut llen = redis::cmd("LLEN");
+        llen.arg(&list);
+        let len: i64 = client.query(&list, llen)?;
         if len == 0 {
             break;
         }
         let keep = len / 2;
-        redis::cmd("LTRIM")
-            .arg(&list)
-            .arg(0)
-            .arg(keep - 1)
-            .query::<()>(con)
-            .map_err(|e| e.to_string())?;
+        let mut ltrim = redis::cmd("LTRIM");
+        ltrim.arg(&list).arg(0).arg(keep - 1);
+        client.query::<()>(&list, ltrim)?;
         trimmed += (len - keep) as u64;
     }
     Ok(trimmed)

@@ -8,6 +8,7 @@
 //!   streams        which queues' report streams to read  (poll interval, a queue new to the bridge)
 //!   remove         reports applied earlier whose removal failed
 //!   read           XREAD up to queue.batch_size reports per stream, blocking up to BLOCK
+//!                  (in a cluster: per slot, without blocking, then CLUSTER_PAUSE if none)
 //!   apply          one transaction, committed synchronously (apply)
 //!   remove         XDEL what that transaction applied or rejected
 //! ```
@@ -25,7 +26,7 @@ use crate::bridge::shared::{self as bridge_shared, shutdown_requested, unix_micr
 use crate::bridge::timer::Every;
 use crate::bridge::wake::wake_on_commit;
 use crate::redis::report::{entry_ms, parse_xread, Entry};
-use crate::redis::{Conn, Keys};
+use crate::redis::{Client, Group, Keys};
 use crate::settings;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
@@ -33,6 +34,8 @@ use std::time::{Duration, Instant};
 
 /// How long one read blocks waiting for reports.
 const BLOCK: Duration = Duration::from_millis(100);
+/// In a cluster, where reads do not block: the pause after a read that found nothing.
+const CLUSTER_PAUSE: Duration = Duration::from_millis(20);
 /// Rejected reports are logged at most this often (with counts since the last line).
 const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -119,6 +122,11 @@ impl Applier {
     }
 
     fn cycle(&mut self) {
+        self.cycle_steps();
+        self.link.end_cycle();
+    }
+
+    fn cycle_steps(&mut self) {
         let now = Instant::now();
         let connected = self.link.connect();
         shared::set_redis_connected(connected);
@@ -148,7 +156,7 @@ impl Applier {
         }
         if !self.unremoved.is_empty() {
             let unremoved = &self.unremoved;
-            if self.link.run(|con| remove(con, unremoved)).is_none() {
+            if self.link.run(|client| remove(client, unremoved)).is_none() {
                 return;
             }
             self.unremoved.clear();
@@ -157,6 +165,9 @@ impl Applier {
             return;
         };
         if read.iter().all(Vec::is_empty) {
+            if self.link.is_cluster() {
+                self.idle(CLUSTER_PAUSE);
+            }
             return;
         }
         let queues = self.streams.queues();
@@ -201,21 +212,26 @@ impl Applier {
                 )
             })
             .collect();
-        if self.link.run(|con| remove(con, &done)).is_none() {
+        if self.link.run(|client| remove(client, &done)).is_none() {
             self.unremoved = done;
         }
     }
 
-    /// One blocking read of every watched stream. None if Redis failed (the link backs off).
+    /// One read of every watched stream, blocking up to BLOCK on one server. None if Redis
+    /// failed (the link backs off).
     fn read(&mut self) -> Option<Vec<Vec<Entry>>> {
-        let cmd = self
-            .streams
-            .xread(settings::batch_size(), BLOCK.as_millis() as u64);
-        let keys = self.streams.keys().to_vec();
+        let count = settings::batch_size();
         let max_bytes = settings::max_payload_bytes();
-        let read = self.link.run_for(BLOCK, |con| {
-            let reply: redis::Value = cmd.query(con).map_err(|e| e.to_string())?;
-            parse_xread(reply, &keys, max_bytes)
+        let streams = &self.streams;
+        let read = self.link.run_for(BLOCK, |client| {
+            if client.is_cluster() {
+                read_per_slot(client, streams, count, max_bytes)
+            } else {
+                let group = streams.xread(count, BLOCK.as_millis() as u64);
+                let mut replies = client.run_all(vec![group])?;
+                let reply = replies.pop().and_then(|mut r| r.pop());
+                parse_xread(reply.ok_or("no XREAD reply")?, streams.keys(), max_bytes)
+            }
         })?;
         for (i, entries) in read.iter().enumerate() {
             if let Some(last) = entries.last() {
@@ -226,13 +242,42 @@ impl Applier {
     }
 }
 
-/// XDEL the given entries of each stream, in one round trip.
-fn remove(con: &mut Conn, entries: &[(String, Vec<String>)]) -> Result<(), String> {
-    let mut pipe = redis::pipe();
-    for (key, ids) in entries {
-        pipe.cmd("XDEL").arg(key).arg(ids).ignore();
+/// In a cluster a blocking read could only cover one slot's streams: every slot's streams are
+/// read without blocking, one round trip per master (and the applier pauses `CLUSTER_PAUSE`
+/// when all were empty).
+fn read_per_slot(
+    client: &mut Client,
+    streams: &Streams,
+    count: usize,
+    max_bytes: usize,
+) -> Result<Vec<Vec<Entry>>, String> {
+    let (groups, members): (Vec<Group>, Vec<Vec<usize>>) =
+        streams.xread_per_slot(count).into_iter().unzip();
+    let mut read: Vec<Vec<Entry>> = streams.keys().iter().map(|_| Vec::new()).collect();
+    for (mut replies, members) in client.run_all(groups)?.into_iter().zip(members) {
+        let keys: Vec<String> = members.iter().map(|&i| streams.keys()[i].clone()).collect();
+        let reply = replies.pop().ok_or("no XREAD reply")?;
+        for (entries, i) in parse_xread(reply, &keys, max_bytes)?
+            .into_iter()
+            .zip(members)
+        {
+            read[i] = entries;
+        }
     }
-    pipe.query::<()>(con).map_err(|e| e.to_string())
+    Ok(read)
+}
+
+/// XDEL the given entries of each stream, in one round trip per node.
+fn remove(client: &mut Client, entries: &[(String, Vec<String>)]) -> Result<(), String> {
+    let groups = entries
+        .iter()
+        .map(|(key, ids)| {
+            let mut g = Group::on_key(key.clone());
+            g.cmd("XDEL").arg(key).arg(ids);
+            g
+        })
+        .collect();
+    client.run_all(groups).map(|_| ())
 }
 
 /// Rejected reports, logged at most once per `REJECT_LOG_EVERY` with what came since.

@@ -8,10 +8,11 @@
 
 use crate::bridge::context::extension_ready;
 use crate::lifecycle::{queues_in_state, Sql};
-use crate::redis::Keys;
+use crate::redis::slots;
+use crate::redis::{Group, Keys};
 use crate::spi_plans::{required, with_plan};
 use pgrx::spi::SpiClient;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 // The queues of waiting and running jobs by a skip scan over the partial index of migrated jobs
 // (one probe per queue), plus the named ones; `$1`: also look at queued and running jobs the
@@ -97,17 +98,45 @@ impl Streams {
         &self.keys
     }
 
-    /// `XREAD COUNT <count> BLOCK <ms> STREAMS <keys…> <ids…>`.
-    pub fn xread(&self, count: usize, block_ms: u64) -> redis::Cmd {
-        let mut cmd = redis::cmd("XREAD");
-        cmd.arg("COUNT")
+    /// `XREAD COUNT <count> BLOCK <ms> STREAMS <keys…> <ids…>`, one command for every stream.
+    pub fn xread(&self, count: usize, block_ms: u64) -> Group {
+        let mut group = Group::on_key(self.keys[0].clone());
+        group
+            .cmd("XREAD")
+            .arg("COUNT")
             .arg(count)
             .arg("BLOCK")
             .arg(block_ms)
             .arg("STREAMS")
             .arg(&self.keys)
             .arg(&self.after);
-        cmd
+        group
+    }
+
+    /// For a cluster, where one command reads the streams of one slot only: per slot, a
+    /// non-blocking `XREAD COUNT <count> STREAMS <keys…> <ids…>` and the indices of its streams.
+    pub fn xread_per_slot(&self, count: usize) -> Vec<(Group, Vec<usize>)> {
+        let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, key) in self.keys.iter().enumerate() {
+            by_slot
+                .entry(slots::slot(key.as_bytes()))
+                .or_default()
+                .push(i);
+        }
+        by_slot
+            .into_values()
+            .map(|members| {
+                let mut group = Group::on_key(self.keys[members[0]].clone());
+                let cmd = group.cmd("XREAD").arg("COUNT").arg(count).arg("STREAMS");
+                for &i in &members {
+                    cmd.arg(&self.keys[i]);
+                }
+                for &i in &members {
+                    cmd.arg(&self.after[i]);
+                }
+                (group, members)
+            })
+            .collect()
     }
 
     /// The read of stream `i` went up to `entry_id`.

@@ -12,7 +12,9 @@
 //! make `handle()` safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL
 //! (rediss:// for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a
 //! PEM file of the CAs that may sign the server's certificate; default: the system's),
-//! QUEUES (comma-separated, highest priority lists first across them), QUEUE_PG_PREFIX
+//! REDIS_CLUSTER (1: REDIS_URL holds comma-separated seed URLs of a Redis Cluster; the worker then
+//! pops one queue's lists at a time, in turn), QUEUES (comma-separated, highest priority lists
+//! first across them), QUEUE_PG_PREFIX
 //! (queue_pg), SHUTDOWN_GRACE_S (10: on SIGTERM, how long the job in hand may still run before it
 //! is failed, and so retried later, instead of completed), QUEUE_PG_PATH (fast, or sql), and for
 //! the fast path BATCH (10: jobs per pop) and LEASE_S (30: a job still running after a third of
@@ -21,6 +23,7 @@
 
 use postgres::error::SqlState;
 use postgres::{Client, NoTls};
+use redis::ConnectionLike;
 use serde_json::{json, Value};
 use std::env;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -140,15 +143,24 @@ fn run(db: &mut Client, job: Job, stopping: &AtomicBool, grace: Duration) -> Res
 /// batch of jobs (or at once, for a job that runs long).
 struct Reports {
     prefix: String,
-    pending: redis::Pipeline,
+    /// Per report stream: one pipeline (in a Redis Cluster a pipeline stays within one slot).
+    pending: Vec<(String, redis::Pipeline)>,
 }
 
 impl Reports {
     fn add(&mut self, queue: &str, id: i64, attempt: i32, op: &str, fields: &[(&str, String)]) {
-        let cmd = self
-            .pending
+        let stream = format!("{}:{{{queue}}}:reports", self.prefix);
+        let at = match self.pending.iter().position(|(s, _)| *s == stream) {
+            Some(at) => at,
+            None => {
+                self.pending.push((stream.clone(), redis::pipe()));
+                self.pending.len() - 1
+            }
+        };
+        let cmd = self.pending[at]
+            .1
             .cmd("XADD")
-            .arg(format!("{}:{{{queue}}}:reports", self.prefix))
+            .arg(stream)
             .arg("*")
             .arg("id")
             .arg(id)
@@ -162,16 +174,25 @@ impl Reports {
         cmd.ignore();
     }
 
-    fn flush(&mut self, redis: &mut redis::Connection) -> redis::RedisResult<()> {
-        let pipe = std::mem::replace(&mut self.pending, redis::pipe());
-        pipe.query::<()>(redis)
+    fn flush(&mut self, redis: &mut impl ConnectionLike) -> redis::RedisResult<()> {
+        for (_, pipe) in std::mem::take(&mut self.pending) {
+            if redis.supports_pipelining() {
+                pipe.query::<()>(redis)?;
+            } else {
+                // The crate's synchronous cluster connection sends one command at a time.
+                for cmd in pipe.cmd_iter() {
+                    cmd.query::<()>(redis)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 /// The fast path: no claim in Postgres. A job still running after a third of `lease` is
 /// reported started (with that lease), then kept alive by a heartbeat every third of it.
 fn run_fast(
-    redis: &mut redis::Connection,
+    redis: &mut impl ConnectionLike,
     reports: &mut Reports,
     message: &Value,
     stopping: &AtomicBool,
@@ -225,28 +246,55 @@ fn run_fast(
     Ok(())
 }
 
+/// What `main` reads from the environment.
+struct Config {
+    database_url: String,
+    prefix: String,
+    grace: Duration,
+    fast: bool,
+    batch: usize,
+    lease: Duration,
+    /// The lists each pop covers: all of them on one server; in a Redis Cluster one queue's
+    /// three at a time (they share a slot), taken in turn.
+    pops: Vec<Vec<String>>,
+    /// Seconds each pop waits: about one second per round over all of `pops`, so that SIGTERM
+    /// is noticed within a second.
+    pop_wait: f64,
+}
+
 fn main() -> Result<(), Error> {
-    let database_url = setting(
-        "DATABASE_URL",
-        "postgresql://postgres@127.0.0.1:5432/postgres",
-    );
     let redis_url = setting("REDIS_URL", "redis://127.0.0.1:6379");
+    let cluster = setting("REDIS_CLUSTER", "0") == "1";
     let prefix = setting("QUEUE_PG_PREFIX", "queue_pg");
-    let grace = Duration::from_secs_f64(setting("SHUTDOWN_GRACE_S", "10").parse()?);
-    let fast = setting("QUEUE_PG_PATH", "fast") == "fast";
-    let batch: usize = setting("BATCH", "10").parse()?;
-    let lease = Duration::from_secs_f64(setting("LEASE_S", "30").parse()?);
     let queues: Vec<String> = setting("QUEUES", "default")
         .split(',')
         .filter(|q| !q.is_empty())
         .map(str::to_owned)
         .collect();
-    let mut keys = Vec::new();
-    for priority in ["high", "normal", "low"] {
-        for queue in &queues {
-            keys.push(format!("{prefix}:{{{queue}}}:{priority}"));
-        }
-    }
+    let lists =
+        |queue: &String| ["high", "normal", "low"].map(|p| format!("{prefix}:{{{queue}}}:{p}"));
+    let pops: Vec<Vec<String>> = if cluster {
+        queues.iter().map(|q| lists(q).to_vec()).collect()
+    } else {
+        // Highest priority first across the queues.
+        let all: Vec<[String; 3]> = queues.iter().map(lists).collect();
+        vec![(0..3)
+            .flat_map(|p| all.iter().map(move |l| l[p].clone()))
+            .collect()]
+    };
+    let config = Config {
+        database_url: setting(
+            "DATABASE_URL",
+            "postgresql://postgres@127.0.0.1:5432/postgres",
+        ),
+        grace: Duration::from_secs_f64(setting("SHUTDOWN_GRACE_S", "10").parse()?),
+        fast: setting("QUEUE_PG_PATH", "fast") == "fast",
+        batch: setting("BATCH", "10").parse()?,
+        lease: Duration::from_secs_f64(setting("LEASE_S", "30").parse()?),
+        pop_wait: (1.0 / pops.len() as f64).max(0.05),
+        pops,
+        prefix,
+    };
 
     let stopping = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -254,64 +302,97 @@ fn main() -> Result<(), Error> {
     }
     // Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
     let limit = Duration::from_secs(5);
-    let client = match env::var("REDIS_TLS_CA_FILE") {
-        Ok(ca_file) => redis::Client::build_with_tls(
+    let root_cert = match env::var("REDIS_TLS_CA_FILE") {
+        Ok(ca_file) => Some(std::fs::read(ca_file)?),
+        Err(_) => None,
+    };
+    if cluster {
+        // REDIS_URL: one or more comma-separated seed URLs.
+        let mut builder = redis::cluster::ClusterClient::builder(redis_url.split(','))
+            .connection_timeout(limit)
+            .response_timeout(limit);
+        if let Some(root_cert) = root_cert {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            });
+        }
+        let mut redis = builder.build()?.get_connection()?;
+        return work(&mut redis, &config, &stopping);
+    }
+    let client = match root_cert {
+        Some(root_cert) => redis::Client::build_with_tls(
             redis_url,
             redis::TlsCertificates {
                 client_tls: None,
-                root_cert: Some(std::fs::read(ca_file)?),
+                root_cert: Some(root_cert),
             },
         )?,
-        Err(_) => redis::Client::open(redis_url)?,
+        None => redis::Client::open(redis_url)?,
     };
     let mut redis = client.get_connection_with_timeout(limit)?;
     redis.set_read_timeout(Some(limit))?;
     redis.set_write_timeout(Some(limit))?;
-    if fast {
+    work(&mut redis, &config, &stopping)
+}
+
+fn work(
+    redis: &mut impl ConnectionLike,
+    config: &Config,
+    stopping: &AtomicBool,
+) -> Result<(), Error> {
+    let (grace, lease) = (config.grace, config.lease);
+    if config.fast {
         println!("ready");
         let mut reports = Reports {
-            prefix,
-            pending: redis::pipe(),
+            prefix: config.prefix.clone(),
+            pending: Vec::new(),
         };
         while !stopping.load(Ordering::Relaxed) {
-            // Up to BATCH jobs from the first list that has any: high before normal before low.
-            let popped: Option<(String, Vec<String>)> = match redis::cmd("BLMPOP")
-                .arg(1)
-                .arg(keys.len())
-                .arg(&keys)
-                .arg("RIGHT")
-                .arg("COUNT")
-                .arg(batch)
-                .query(&mut redis)
-            {
-                Ok(popped) => popped,
-                // SIGTERM during the pop ends the read with EINTR (see the SQL path below).
-                Err(_) if stopping.load(Ordering::Relaxed) => break,
-                Err(err) => return Err(err.into()),
-            };
-            let Some((_, messages)) = popped else {
-                continue; // nothing within the second
-            };
-            for message in messages {
-                if stopping.load(Ordering::Relaxed) {
-                    // Popped and never run: the start-timeout rescue dispatches these again.
-                    break;
+            for keys in &config.pops {
+                // Up to BATCH jobs from the first list that has any: high before normal before low.
+                let popped: Option<(String, Vec<String>)> = match redis::cmd("BLMPOP")
+                    .arg(config.pop_wait)
+                    .arg(keys.len())
+                    .arg(keys)
+                    .arg("RIGHT")
+                    .arg("COUNT")
+                    .arg(config.batch)
+                    .query(redis)
+                {
+                    Ok(popped) => popped,
+                    // SIGTERM during the pop ends the read with EINTR (see the SQL path below).
+                    Err(_) if stopping.load(Ordering::Relaxed) => break,
+                    Err(err) => return Err(err.into()),
+                };
+                let Some((_, messages)) = popped else {
+                    continue; // nothing within the wait
+                };
+                for message in messages {
+                    if stopping.load(Ordering::Relaxed) {
+                        // Popped and never run: the start-timeout rescue dispatches these again.
+                        break;
+                    }
+                    let message: Value = serde_json::from_str(&message)?;
+                    run_fast(redis, &mut reports, &message, stopping, grace, lease)?;
                 }
-                let message: Value = serde_json::from_str(&message)?;
-                run_fast(&mut redis, &mut reports, &message, &stopping, grace, lease)?;
+                reports.flush(redis)?;
             }
-            reports.flush(&mut redis)?;
         }
         log("stopped");
         std::process::exit(0);
     }
-    let mut db = Client::connect(&database_url, NoTls)?;
+    let mut db = Client::connect(&config.database_url, NoTls)?;
     println!("ready");
 
     while !stopping.load(Ordering::Relaxed) {
-        // Short, so SIGTERM is noticed within a second.
-        let popped: Option<(String, String)> =
-            match redis::cmd("BRPOP").arg(&keys).arg(1).query(&mut redis) {
+        for keys in &config.pops {
+            // Short, so SIGTERM is noticed within a second.
+            let popped: Option<(String, String)> = match redis::cmd("BRPOP")
+                .arg(keys)
+                .arg(config.pop_wait)
+                .query(redis)
+            {
                 Ok(popped) => popped,
                 // A socket with a timeout is not restarted after a signal: SIGTERM during BRPOP
                 // ends the read with EINTR. A job popped in that instant is rescued after
@@ -319,26 +400,27 @@ fn main() -> Result<(), Error> {
                 Err(_) if stopping.load(Ordering::Relaxed) => break,
                 Err(err) => return Err(err.into()),
             };
-        let Some((_, message)) = popped else { continue };
-        let message: Value = serde_json::from_str(&message)?;
-        let Some(id) = message["id"].as_i64() else {
-            log(&format!("skipping a message without an id: {message}"));
-            continue;
-        };
-        let row = db.query_opt(
-            "SELECT attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 \
-             FROM queue.start($1)",
-            &[&id],
-        )?;
-        // No row: cancelled, finished, held by another worker, or a stale duplicate.
-        let Some(row) = row else { continue };
-        let job = Job {
-            id,
-            attempt: row.get(0),
-            payload: row.get(1),
-            lease: Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0)),
-        };
-        run(&mut db, job, &stopping, grace)?;
+            let Some((_, message)) = popped else { continue };
+            let message: Value = serde_json::from_str(&message)?;
+            let Some(id) = message["id"].as_i64() else {
+                log(&format!("skipping a message without an id: {message}"));
+                continue;
+            };
+            let row = db.query_opt(
+                "SELECT attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 \
+                 FROM queue.start($1)",
+                &[&id],
+            )?;
+            // No row: cancelled, finished, held by another worker, or a stale duplicate.
+            let Some(row) = row else { continue };
+            let job = Job {
+                id,
+                attempt: row.get(0),
+                payload: row.get(1),
+                lease: Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0)),
+            };
+            run(&mut db, job, stopping, grace)?;
+        }
     }
     log("stopped");
     // A handler abandoned after the grace period may still be running: end the process now.
