@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,50 @@ def test_sigterm_mid_job_loses_nothing(db, r, lang):
     row = db.execute("SELECT status, attempt_count, last_error_message FROM queue.jobs WHERE id = %s",
                      (long,)).fetchone()
     assert row == ("retry_scheduled", 1, "worker shut down (SIGTERM) before the job finished")
+
+
+@pytest.mark.parametrize("path", ["fast", "sql"])
+@pytest.mark.parametrize("lang", ["python", "node", "rust"])
+def test_example_workers_ride_out_postgres_and_redis_restarts(db, lang, path):
+    """Postgres stopped (immediate) for 5 s and started, then Redis stopped for 5 s and started,
+    while the worker works through 500 jobs: it never exits, every job ends completed, and its
+    log says once per outage that a server went away and once that it is back."""
+    from conftest import reconnect_after_restart, stack
+
+    command = build(lang)
+    queue = f"outage_{lang}_{path}"
+    db.execute("SELECT count(*) FROM queue.enqueue_many(%s, (SELECT jsonb_agg(jsonb_build_object('sleep', 0.02))"
+               " FROM generate_series(1, 500)))", (queue,))
+    env = dict(os.environ,
+               DATABASE_URL=f"postgresql://postgres@127.0.0.1:{ENV['QPG_PGPORT']}/postgres",
+               REDIS_URL=f"redis://127.0.0.1:{ENV['QPG_REDIS_PORT']}", QUEUES=queue, QUEUE_PG_PATH=path,
+               BATCH="5")
+    log_file = Path(ENV["QPG_HOME"]) / f"{queue}.log"
+    with open(log_file, "w") as err:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        done = lambda: db.execute("SELECT count(*) FROM queue.jobs WHERE queue_name = %s AND status = 'completed'",
+                                  (queue,)).fetchone()[0]
+        wait_for(lambda: done() >= 50, timeout=30, what="the first jobs completed")
+        db.close()
+        stack("pg-kill")
+        time.sleep(5)
+        stack("pg-start")
+        db = reconnect_after_restart()
+        assert proc.poll() is None, "the worker exited while Postgres was down"
+        wait_for(lambda: done() >= 200, timeout=60, what="jobs completed after Postgres came back")
+        stack("redis-stop")
+        time.sleep(5)
+        stack("redis-start")
+        assert proc.poll() is None, "the worker exited while Redis was down"
+        wait_for(lambda: done() == 500, timeout=90, interval=0.2, what="all 500 jobs completed")
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
+    log = log_file.read_text()
+    # On the fast path the worker never talks to Postgres.
+    pg_lines = 1 if path == "sql" else 0
+    assert log.count("Postgres unreachable") == pg_lines, log
+    assert log.count("Postgres reachable again") == pg_lines, log
+    assert log.count("Redis unreachable") == 1 and log.count("Redis reachable again") == 1, log

@@ -66,7 +66,9 @@ def test_health_reports_a_known_state(db, r):
     assert h["dead_letter_queue"]["depth"] == 1 and h["dead_letter_queue"]["oldest_failed_at"]
     b = h["bridge"]
     assert set(b) == {"status", "pid", "last_cycle_at", "lag_ms", "dispatched_total", "push_batches_total",
-                      "push_round_trips_total", "errors_total", "last_error"}
+                      "push_round_trips_total", "restore", "errors_total", "last_error"}
+    assert set(b["restore"]) == {"running", "dead_letters_total", "job_hashes_total"}
+    assert b["restore"]["running"] is False
     # One server: one round trip per batch.
     assert b["push_round_trips_total"] == b["push_batches_total"] > 0, b
     assert b["status"] == "running" and b["pid"] == bridge_pid(db)

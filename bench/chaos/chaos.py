@@ -5,7 +5,8 @@ A producer enqueues the jobs over the run; worker processes (the Python example 
 chaos_worker.py) work them; every few seconds the injector does one of: freeze Redis (SIGSTOP) for
 3 s, restart Redis without persistence, FLUSHALL, SIGKILL the bridge, `pg_ctl stop -m immediate`
 and start, SIGKILL a worker, VACUUM FULL of queue.jobs and queue.redis_outbox. A supervisor
-restarts workers that exit (the example worker exits when Postgres or Redis goes away).
+restarts the workers the injector killed; a worker that exits by itself is a failure (the example
+worker rides out outages of Postgres and Redis).
 
 Plans, by the job's number n: 1 % fail every attempt (dead after 5), 5 % fail their first attempt,
 0.2 % run past their 2 s lease (kept alive by heartbeats), the rest complete at once. About 10 %
@@ -14,7 +15,8 @@ of attempts fail by plan.
 At the end it checks: no job lost, none enqueued twice, every job completed or dead as planned,
 each completion counted once in queue.stats, on the SQL path no attempt completed twice (the fast
 path has no exclusive claim: after a rescue two deliveries of one attempt may both run), the Redis
-lists and report streams empty; and prints a table. A lease that expires
+lists and report streams empty, one dead-letter entry in Redis for each dead job (however often
+Redis lost them), no worker that exited by itself; and prints a table. A lease that expires
 because a fault killed its worker counts as a failed attempt (the backoff rule), so a job whose
 every attempt was cut short is dead by the rule: the table counts those apart.
 
@@ -114,6 +116,9 @@ class Soak:
         self.last_fault_at = None
         self.workers = []
         self.restarts = 0
+        # Workers the injector killed (by pid), and workers that exited by themselves.
+        self.killed = set()
+        self.exits = 0
         self.peak_jobs = 0
         self.peak_redis = 0
         self.produced = threading.Event()
@@ -191,6 +196,8 @@ class Soak:
             for i, w in enumerate(self.workers):
                 if w.poll() is not None:
                     with self.lock:
+                        if w.pid not in self.killed:
+                            self.exits += 1
                         self.workers[i] = self.start_worker(i)
                         self.restarts += 1
             time.sleep(0.2)
@@ -245,7 +252,9 @@ class Soak:
             with self.lock:
                 alive = [w for w in self.workers if w.poll() is None]
                 if alive:
-                    random.choice(alive).kill()
+                    victim = random.choice(alive)
+                    self.killed.add(victim.pid)
+                    victim.kill()
         elif kind == "vacuum_full":
             db.execute("VACUUM FULL queue.jobs")
             db.execute("VACUUM FULL queue.redis_outbox")
@@ -305,7 +314,7 @@ class Soak:
                 w.kill()
         report = self.analyse(db)
         report.update(drain_s=drain_s, total_s=time.monotonic() - started,
-                      faults=dict(self.faults), restarts=self.restarts,
+                      faults=dict(self.faults), restarts=self.restarts, worker_exits=self.exits,
                       peak_jobs=self.peak_jobs, peak_redis=self.peak_redis,
                       injector_errors=self.errors)
         db.close()
@@ -346,6 +355,14 @@ class Soak:
                 if not e.startswith("RuntimeError: planned failure"):
                     reasons[e] += 1
         r = self.stack.redis(timeout=5)
+        # The dead-letter list, once a restore after the last loss has put it back.
+        dead_ids = {job for job, _, _, status, _, _ in rows if status == "failed"}
+        entries = []
+        for _ in range(150):
+            entries = [json.loads(e)["id"] for e in r.lrange("queue_pg:deadletter:queue", 0, -1)]
+            if set(entries) == dead_ids:
+                break
+            time.sleep(0.2)
         waiting = sum(r.llen(f"queue_pg:{{{QUEUE}}}:{p}") for p in ("high", "normal", "low"))
         reports_waiting = r.xlen(f"queue_pg:{{{QUEUE}}}:reports")
         counted = db.execute("SELECT COALESCE(sum(completed), 0)::int FROM queue.stats "
@@ -367,6 +384,9 @@ class Soak:
             redis_waiting=waiting,
             reports_waiting=reports_waiting,
             completions_counted_wrong=abs(counted - states["completed"]),
+            dead_letter_entries=len(entries),
+            dead_letters_missing=len(dead_ids - set(entries)),
+            dead_letters_of_live_jobs=len(set(entries) - dead_ids),
             worker_path=self.worker_path,
         )
 
@@ -388,7 +408,8 @@ def table(report):
     for reason, n in sorted(report["unplanned_failures"].items(), key=lambda x: -x[1]):
         lines.append(f"| unplanned failed attempts: {reason} | {n:,} |")
     lines += [
-        f"| worker restarts by the supervisor | {report['restarts']} |",
+        f"| dead-letter entries in Redis (missing, of jobs not dead) | {report['dead_letter_entries']:,} ({report['dead_letters_missing']}, {report['dead_letters_of_live_jobs']}) |",
+        f"| workers restarted after the injector killed them; exited by themselves | {report['restarts'] - report['worker_exits']}; {report['worker_exits']} |",
         f"| messages left in the Redis lists, reports left in the stream | {report['redis_waiting']}, {report['reports_waiting']} |",
         f"| drain after the last fault | {report['drain_s']:.1f} s |",
         f"| whole run | {report['total_s']:.0f} s |",
@@ -402,7 +423,8 @@ def failures(report):
     """What the soak requires; an empty list means it passed."""
     bad = []
     keys = ["lost", "enqueued_twice", "not_as_planned_count", "redis_waiting", "reports_waiting",
-            "completions_counted_wrong"]
+            "completions_counted_wrong", "dead_letters_missing", "dead_letters_of_live_jobs",
+            "worker_exits"]
     if report["worker_path"] == "sql":
         keys.append("completed_twice_in_one_attempt")
     for key in keys:

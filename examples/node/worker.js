@@ -9,7 +9,10 @@
 //   REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports node worker.js
 //
 // Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so
-// make handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL
+// make handle() safe to repeat (idempotent). When Redis or Postgres goes away, the worker waits
+// for it (retrying after 0.1 s, then up to every 5 s; one log line when it goes, one when it is
+// back), keeps the job in hand and reports its outcome once it can; only SIGTERM stops it.
+// Settings (environment): DATABASE_URL, REDIS_URL
 // (rediss:// for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a PEM
 // file of the CAs that may sign the server's certificate; default: the system's), REDIS_CLUSTER
 // (1: REDIS_URL holds comma-separated seed URLs of a Redis Cluster; the worker then pops one
@@ -60,6 +63,56 @@ for (const signal of ['SIGTERM', 'SIGINT']) {
   });
 }
 
+class Stopped extends Error {}
+
+// A connection to Redis or Postgres that rides out an outage: a call that fails for want of the
+// server is tried again on a new connection, after 0.1 s, then twice as long each time up to
+// 5 s, until it works (or SIGTERM). The log says once that the server is unreachable and once
+// that it is back, not once per retry.
+class Link {
+  constructor(name, connect, isOutage) {
+    Object.assign(this, { name, connect, isOutage, conn: null, down: false });
+  }
+
+  async call(fn) {
+    for (let delay = 100; ; delay = Math.min(delay * 2, 5000)) {
+      try {
+        if (!this.conn) this.conn = await this.connect();
+        const result = await fn(this.conn);
+        if (this.down) log(`${this.name} reachable again`);
+        this.down = false;
+        return result;
+      } catch (e) {
+        if (!this.isOutage(e)) throw e;
+        this.close();
+        if (!this.down) log(`${this.name} unreachable (${e.message}); retrying until it is back`);
+        this.down = true;
+        if (stopping) throw new Stopped();
+        await Promise.race([new Promise((resolve) => setTimeout(resolve, delay)), stopped]);
+        if (stopping) throw new Stopped();
+      }
+    }
+  }
+
+  close() {
+    const conn = this.conn;
+    this.conn = null;
+    if (conn) Promise.resolve().then(() => (conn.end ? conn.end() : conn.disconnect())).catch(() => {});
+  }
+}
+
+// A Redis error that is not the server's answer (a ReplyError) means Redis is away; so does a
+// Postgres error without an SQLSTATE, or of class 08 (connection) or 57P (shut down).
+const redisDown = (e) => !(e instanceof Redis.ReplyError);
+const postgresDown = (e) => !e.code || /^(08|57P)/.test(e.code) || e.code === 'ECONNREFUSED';
+
+async function connectPostgres() {
+  const db = new Client({ connectionString: DATABASE_URL });
+  db.on('error', () => {}); // a connection lost while idle: the next call notices
+  await db.connect();
+  return db;
+}
+
 // Runs handle(): resolves to { result } or { error }. After SIGTERM the handler has
 // SHUTDOWN_GRACE_S more; then the attempt fails (and is retried later).
 function runHandler(jobId, attempt, payload) {
@@ -73,31 +126,38 @@ function runHandler(jobId, attempt, payload) {
 }
 
 // The SQL path: the job was started with queue.start; heartbeats and the end go through SQL.
-async function run(db, jobId, attempt, payload, leaseSeconds) {
-  // Extend the lease every third of it while the handler runs.
+// The outcome is reported even if Postgres is away meanwhile: once it is back (the attempt token
+// makes a report that already went through harmless).
+async function run(pg, jobId, attempt, payload, leaseSeconds) {
+  // Extend the lease every third of it while the handler runs (skipped while Postgres is away).
   const heartbeat = setInterval(() => {
-    db.query('SELECT queue.heartbeat($1, attempt => $2)', [jobId, attempt])
-      .catch((e) => log(`heartbeat for job ${jobId} failed: ${e.message}`));
+    if (!pg.conn) return;
+    pg.conn.query('SELECT queue.heartbeat($1, attempt => $2)', [jobId, attempt])
+      .catch((e) => { if (!postgresDown(e)) log(`heartbeat for job ${jobId} failed: ${e.message}`); });
   }, Math.max(leaseSeconds / 3, 0.5) * 1000);
   const outcome = await runHandler(jobId, attempt, payload);
   clearInterval(heartbeat);
-  try {
-    if ('error' in outcome) {
-      await db.query('SELECT queue.fail($1, $2, $3)', [jobId, outcome.error, attempt]);
-    } else {
-      await db.query('SELECT queue.complete($1, $2, $3)', [jobId, JSON.stringify(outcome.result ?? null), attempt]);
+  await pg.call(async (db) => {
+    try {
+      if ('error' in outcome) {
+        await db.query('SELECT queue.fail($1, $2, $3)', [jobId, outcome.error, attempt]);
+      } else {
+        await db.query('SELECT queue.complete($1, $2, $3)', [jobId, JSON.stringify(outcome.result ?? null), attempt]);
+      }
+    } catch (e) {
+      // 55000: cancelled meanwhile, or the lease expired and the job moved on (or this report
+      // already went through before a reconnect): nothing to report.
+      if (e.code !== '55000') throw e;
+      log(`job ${jobId}: ${e.message}`);
     }
-  } catch (e) {
-    // 55000: cancelled meanwhile, or the lease expired and the job moved on: nothing to report.
-    if (e.code !== '55000') throw e;
-    log(`job ${jobId}: ${e.message}`);
-  }
+  });
 }
 
 // The fast path's reports: XADD to the job's queue's report stream, sent in one pipeline per
-// batch of jobs (or at once, for a job that runs long).
+// batch of jobs (or at once, for a job that runs long). While Redis is away they wait here and
+// go once it is back.
 class Reports {
-  constructor(redis) { this.redis = redis; this.pending = []; }
+  constructor(link) { this.link = link; this.pending = []; }
 
   add(queue, id, attempt, op, fields = {}) {
     const entry = ['id', id, 'attempt', attempt, 'op', op];
@@ -107,14 +167,17 @@ class Reports {
 
   // One pipeline per stream: in a Redis Cluster a pipeline stays within one slot.
   async flush() {
-    const byStream = new Map();
-    for (const [stream, entry] of this.pending) {
-      if (!byStream.has(stream)) byStream.set(stream, this.redis.pipeline());
-      byStream.get(stream).xadd(stream, '*', ...entry);
-    }
+    if (this.pending.length === 0) return;
+    await this.link.call(async (redis) => {
+      const byStream = new Map();
+      for (const [stream, entry] of this.pending) {
+        if (!byStream.has(stream)) byStream.set(stream, redis.pipeline());
+        byStream.get(stream).xadd(stream, '*', ...entry);
+      }
+      const results = await Promise.all([...byStream.values()].map((pipe) => pipe.exec()));
+      for (const [err] of results.flat()) if (err) throw err;
+    });
     this.pending = [];
-    const results = await Promise.all([...byStream.values()].map((pipe) => pipe.exec()));
-    for (const [err] of results.flat()) if (err) throw err;
   }
 }
 
@@ -143,14 +206,14 @@ function popLists() {
   return { pops, wait: Math.max(0.05, 1 / pops.length) };
 }
 
-async function mainFast(redis) {
-  const reports = new Reports(redis);
+async function mainFast(link) {
+  const reports = new Reports(link);
   const { pops, wait } = popLists();
   console.log('ready');
   while (!stopping) {
     for (const keys of pops) {
       // Up to BATCH jobs from the first list that has any: high before normal before low.
-      const popped = await redis.blmpop(wait, keys.length, ...keys, 'RIGHT', 'COUNT', BATCH);
+      const popped = await link.call((redis) => redis.blmpop(wait, keys.length, ...keys, 'RIGHT', 'COUNT', BATCH));
       if (!popped) continue;
       for (const raw of popped[1]) {
         if (stopping) break; // popped and never run: the start-timeout rescue dispatches these again
@@ -165,46 +228,63 @@ function connectRedis() {
   // Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
   const options = { connectTimeout: 5000, commandTimeout: 5000 };
   if (REDIS_TLS_CA_FILE) options.tls = { ca: require('fs').readFileSync(REDIS_TLS_CA_FILE) };
-  if (!REDIS_CLUSTER) return new Redis(REDIS_URL, options);
+  // No retries or offline queue of its own: a call fails at once while Redis is away, and the
+  // Link retries it.
+  Object.assign(options, { maxRetriesPerRequest: 0, enableOfflineQueue: false, retryStrategy: () => null });
+  if (!REDIS_CLUSTER) return connected(new Redis(REDIS_URL, options));
   // Every node is reached as the first seed URL says (user, password, TLS).
   const seeds = REDIS_URL.split(',');
   const first = new URL(seeds[0]);
   if (first.username) options.username = decodeURIComponent(first.username);
   if (first.password) options.password = decodeURIComponent(first.password);
   if (first.protocol === 'rediss:') options.tls = options.tls || {};
-  return new Redis.Cluster(seeds, { redisOptions: options });
+  return connected(new Redis.Cluster(seeds, {
+    redisOptions: options, enableOfflineQueue: false, clusterRetryStrategy: () => null,
+  }));
+}
+
+// Resolves once the client is ready; rejects (and disconnects) if it cannot connect.
+function connected(client) {
+  client.on('error', () => {}); // reported by the call that fails
+  return new Promise((resolve, reject) => {
+    client.once('ready', () => resolve(client));
+    client.once('end', () => reject(new Error('connection closed before it was ready')));
+  });
 }
 
 async function main() {
-  const redis = connectRedis();
-  if (PATH === 'fast') {
-    await mainFast(redis);
-    redis.disconnect();
-    log('stopped');
-    process.exit(0); // a handler abandoned after the grace period may still hold timers
+  const redis = new Link('Redis', connectRedis, redisDown);
+  const pg = new Link('Postgres', connectPostgres, postgresDown);
+  try {
+    if (PATH === 'fast') await mainFast(redis);
+    else await mainSql(redis, pg);
+  } catch (e) {
+    if (!(e instanceof Stopped)) throw e; // SIGTERM during an outage: the job goes back by its lease
   }
+  redis.close();
+  pg.close();
+  log('stopped');
+  process.exit(0); // a handler abandoned after the grace period may still hold timers
+}
+
+async function mainSql(redis, pg) {
   const { pops, wait } = popLists();
-  const db = new Client({ connectionString: DATABASE_URL });
-  await db.connect();
+  await pg.call(async () => {}); // connected before saying ready
   console.log('ready');
   while (!stopping) {
     for (const keys of pops) {
-      const popped = await redis.brpop(...keys, wait);
+      const popped = await redis.call((r) => r.brpop(...keys, wait));
       if (!popped) continue;
       const message = JSON.parse(popped[1]);
-      const { rows } = await db.query(
+      const { rows } = await pg.call((db) => db.query(
         'SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 AS lease_s FROM queue.start($1)',
         [message.id],
-      );
+      ));
       if (rows.length === 0) continue; // cancelled, finished, held by another worker, or a stale duplicate
       const job = rows[0];
-      await run(db, job.id, job.attempt, job.payload, job.lease_s);
+      await run(pg, job.id, job.attempt, job.payload, job.lease_s);
     }
   }
-  redis.disconnect();
-  await db.end();
-  log('stopped');
-  process.exit(0); // a handler abandoned after the grace period may still hold timers
 }
 
 main().catch((e) => {

@@ -9,7 +9,10 @@
     REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports python worker.py
 
 Put your work in handle(). Delivery is at-least-once: a job may run again after a crash, so make
-handle() safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL (rediss://
+handle() safe to repeat (idempotent). When Redis or Postgres goes away, the worker waits for it
+(retrying after 0.1 s, then up to every 5 s; one log line when it goes, one when it is back),
+keeps the job in hand and reports its outcome once it can; only SIGTERM stops it. Settings
+(environment): DATABASE_URL, REDIS_URL (rediss://
 for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a PEM file of the
 CAs that may sign the server's certificate; default: the system's), REDIS_CLUSTER (1: REDIS_URL
 holds comma-separated seed URLs of a Redis Cluster; the worker then pops one queue's lists at a
@@ -72,6 +75,56 @@ def log(message):
     print(f"[python worker {os.getpid()}] {message}", file=sys.stderr, flush=True)
 
 
+class Stopped(Exception):
+    """SIGTERM arrived while a server was unreachable."""
+
+
+class Link:
+    """A connection to Redis or Postgres that rides out an outage: a call that fails for want of
+    the server is tried again on a new connection, after 0.1 s, then twice as long each time up
+    to 5 s, until it works (or SIGTERM). The log says once that the server is unreachable and
+    once that it is back, not once per retry."""
+
+    def __init__(self, name, connect, errors):
+        self.name, self.connect, self.errors = name, connect, errors
+        self.conn = None
+        self.down = False
+
+    def call(self, fn):
+        delay = 0.1
+        while True:
+            try:
+                if self.conn is None:
+                    self.conn = self.connect()
+                result = fn(self.conn)
+            except self.errors as e:
+                self.close()
+                if not self.down:
+                    first_line = (str(e).strip().splitlines() or [""])[0]
+                    log(f"{self.name} unreachable ({type(e).__name__}: {first_line}); retrying until it is back")
+                    self.down = True
+                if stopping.wait(delay):
+                    raise Stopped from e
+                delay = min(delay * 2, 5)
+                continue
+            if self.down:
+                log(f"{self.name} reachable again")
+                self.down = False
+            return result
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close, too
+                pass
+            self.conn = None
+
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError)
+POSTGRES_DOWN = (psycopg.OperationalError,)
+
+
 def heartbeat_until(done, job_id, attempt, lease_s):
     """Extends the lease every third of it until `done` is set, on a connection of its own,
     opened only when a job runs that long."""
@@ -79,8 +132,11 @@ def heartbeat_until(done, job_id, attempt, lease_s):
     db = None
     try:
         while not done.wait(interval):
-            db = db or psycopg.connect(DATABASE_URL, autocommit=True)
-            db.execute("SELECT queue.heartbeat(%s, attempt => %s)", (job_id, attempt))
+            try:
+                db = db or psycopg.connect(DATABASE_URL, autocommit=True)
+                db.execute("SELECT queue.heartbeat(%s, attempt => %s)", (job_id, attempt))
+            except POSTGRES_DOWN:
+                db = None  # Postgres is away: the next beat tries a new connection
     except psycopg.Error as e:  # cancelled, or the lease was lost: the end will say so
         log(f"heartbeat for job {job_id} failed: {e}")
     finally:
@@ -116,29 +172,36 @@ def run_handler(job_id, attempt, payload, tick=None, tick_s=None):
     return dict(outcome)
 
 
-def run(db, job_id, attempt, payload, lease_s):
-    """The SQL path: the job was started with queue.start; heartbeats and the end go through SQL."""
+def run(pg, job_id, attempt, payload, lease_s):
+    """The SQL path: the job was started with queue.start; heartbeats and the end go through SQL.
+    The outcome is reported even if Postgres is away meanwhile: once it is back (the attempt
+    token makes a report that already went through harmless)."""
     done = threading.Event()
     beat = threading.Thread(target=heartbeat_until, args=(done, job_id, attempt, lease_s), daemon=True)
     beat.start()
     outcome = run_handler(job_id, attempt, payload)
     done.set()
-    try:
-        if "error" in outcome:
-            db.execute("SELECT queue.fail(%s, %s, %s)", (job_id, outcome["error"], attempt))
-        else:
-            db.execute("SELECT queue.complete(%s, %s, %s)", (job_id, Jsonb(outcome["result"]), attempt))
-    except psycopg.errors.ObjectNotInPrerequisiteState as e:
-        # Cancelled meanwhile, or the lease expired and the job moved on: nothing to report.
-        log(f"job {job_id}: {e}")
+
+    def report(db):
+        try:
+            if "error" in outcome:
+                db.execute("SELECT queue.fail(%s, %s, %s)", (job_id, outcome["error"], attempt))
+            else:
+                db.execute("SELECT queue.complete(%s, %s, %s)", (job_id, Jsonb(outcome["result"]), attempt))
+        except psycopg.errors.ObjectNotInPrerequisiteState as e:
+            # Cancelled meanwhile, or the lease expired and the job moved on (or this report
+            # already went through before a reconnect): nothing to report.
+            log(f"job {job_id}: {e}")
+    pg.call(report)
 
 
 class Reports:
     """The fast path's reports: XADD to the job's queue's report stream, sent in one pipeline
-    per batch of jobs (or at once, for a job that runs long)."""
+    per batch of jobs (or at once, for a job that runs long). While Redis is away they wait here
+    and go once it is back."""
 
-    def __init__(self, r):
-        self.r = r
+    def __init__(self, link):
+        self.link = link
         self.pending = []
 
     def add(self, queue, job_id, attempt, op, **fields):
@@ -148,10 +211,12 @@ class Reports:
 
     def flush(self):
         if self.pending:
-            pipe = self.r.pipeline(transaction=False)
-            for stream, entry in self.pending:
-                pipe.xadd(stream, entry)
-            pipe.execute()
+            def send(r):
+                pipe = r.pipeline(transaction=False)
+                for stream, entry in self.pending:
+                    pipe.xadd(stream, entry)
+                pipe.execute()
+            self.link.call(send)
             self.pending = []
 
 
@@ -183,14 +248,14 @@ def pop_lists():
     return pops, max(0.05, 1 / len(pops))
 
 
-def main_fast(r):
-    reports = Reports(r)
+def main_fast(link):
+    reports = Reports(link)
     pops, wait = pop_lists()
     print("ready", flush=True)
     while not stopping.is_set():
         for keys in pops:
             # Up to BATCH jobs from the first list that has any: high before normal before low.
-            popped = r.blmpop(wait, len(keys), *keys, direction="RIGHT", count=BATCH)
+            popped = link.call(lambda r: r.blmpop(wait, len(keys), *keys, direction="RIGHT", count=BATCH))
             if popped is None:
                 continue
             for raw in popped[1]:
@@ -201,40 +266,49 @@ def main_fast(r):
             reports.flush()
 
 
-def main():
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+def connect_redis():
     # Every Redis call is bounded: pops wait 1 s, so a reply later than 5 s means Redis hangs.
     tls = {"ssl_ca_certs": REDIS_TLS_CA_FILE} if REDIS_TLS_CA_FILE else {}
     if REDIS_CLUSTER:
         seeds = [redis.cluster.ClusterNode(u.hostname, u.port) for u in map(parse_url, REDIS_URL.split(","))]
-        first = REDIS_URL.split(",")[0]
-        r = redis.cluster.RedisCluster.from_url(first, startup_nodes=seeds, socket_timeout=5,
-                                                socket_connect_timeout=5, **tls)
-    else:
-        r = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5, **tls)
-    if PATH == "fast":
-        main_fast(r)
-        r.close()
-        log("stopped")
-        return
-    pops, wait = pop_lists()
-    with psycopg.connect(DATABASE_URL, autocommit=True) as db:
-        print("ready", flush=True)
-        while not stopping.is_set():
-            for keys in pops:
-                popped = r.brpop(keys, timeout=wait)
-                if popped is None:
-                    continue
-                message = json.loads(popped[1])
-                row = db.execute(
-                    "SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 "
-                    "FROM queue.start(%s)", (message["id"],)).fetchone()
-                if row is None:
-                    continue  # cancelled, finished, held by another worker, or a stale duplicate
-                run(db, *row)
-    r.close()
+        return redis.cluster.RedisCluster.from_url(REDIS_URL.split(",")[0], startup_nodes=seeds,
+                                                   socket_timeout=5, socket_connect_timeout=5, **tls)
+    return redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5, **tls)
+
+
+def main():
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    redis_link = Link("Redis", connect_redis, REDIS_DOWN)
+    pg = Link("Postgres", lambda: psycopg.connect(DATABASE_URL, autocommit=True), POSTGRES_DOWN)
+    try:
+        if PATH == "fast":
+            main_fast(redis_link)
+        else:
+            main_sql(redis_link, pg)
+    except Stopped:
+        pass  # SIGTERM during an outage: what is in hand goes back by its lease or rescue
+    redis_link.close()
+    pg.close()
     log("stopped")
+
+
+def main_sql(redis_link, pg):
+    pops, wait = pop_lists()
+    pg.call(lambda db: None)  # connected before saying ready
+    print("ready", flush=True)
+    while not stopping.is_set():
+        for keys in pops:
+            popped = redis_link.call(lambda r: r.brpop(keys, timeout=wait))
+            if popped is None:
+                continue
+            message = json.loads(popped[1])
+            row = pg.call(lambda db: db.execute(
+                "SELECT id, attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 "
+                "FROM queue.start(%s)", (message["id"],)).fetchone())
+            if row is None:
+                continue  # cancelled, finished, held by another worker, or a stale duplicate
+            run(pg, *row)
 
 
 if __name__ == "__main__":

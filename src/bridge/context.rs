@@ -16,6 +16,8 @@ pub struct Context {
     pub redis: RedisLink,
     pub keys: Keys,
     pub read_from: ReadFrom,
+    /// Redis lost data: what it projects of Postgres is to be put back (`restore`).
+    pub restore_wanted: bool,
 }
 
 impl Context {
@@ -24,6 +26,7 @@ impl Context {
             redis: RedisLink::from_settings(),
             keys: Keys::new(settings::redis_prefix()),
             read_from: ReadFrom::default(),
+            restore_wanted: false,
         }
     }
 

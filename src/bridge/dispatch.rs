@@ -119,9 +119,11 @@ impl Dispatch {
         // commits publish from here on. Otherwise the next drain starts where this one did.
         cx.read_from
             .drained(redis_ok && !shutdown_requested(), from);
-        // Jobs a lost queue held are `queued` again below where this drain read.
+        // Jobs a lost queue held are `queued` again below where this drain read; the rest of
+        // what its master held is put back by `restore`.
         if lost > 0 {
             cx.read_from.rewind();
+            cx.restore_wanted = true;
         }
         shared::publish_new_queues();
         vec![

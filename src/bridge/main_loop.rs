@@ -10,6 +10,7 @@
 //!   rescue          jobs popped but never started: dispatch again  (poll interval)
 //!   state_sync      committed state changes to Redis  (after commits, poll interval)
 //!   dispatch        queued jobs to Redis, pipelined  (every cycle)
+//!   restore         after Redis lost data: dead letters and job hashes back, a batch a cycle
 //! ```
 //!
 //! State sync runs before dispatch, so a job hash that dispatch writes (`migrated`) is never
@@ -27,6 +28,7 @@ use super::memory_check::MemoryCheck;
 use super::redis_loss::RedisLoss;
 use super::report;
 use super::rescue::Rescue;
+use super::restore::Restore;
 use super::shared::{self, shutdown_requested};
 use super::state_sync::StateSync;
 use pgrx::bgworkers::BackgroundWorker;
@@ -101,6 +103,7 @@ struct Bridge {
     rescue: Rescue,
     state_sync: StateSync,
     dispatch: Dispatch,
+    restore: Restore,
     /// When the last cycle started (None before the first).
     last_cycle: Option<Instant>,
 }
@@ -115,6 +118,7 @@ impl Bridge {
             rescue: Rescue::default(),
             state_sync: StateSync::default(),
             dispatch: Dispatch::default(),
+            restore: Restore::default(),
             last_cycle: None,
         }
     }
@@ -164,6 +168,9 @@ impl Bridge {
         if let Some(due) = self.dispatch.next_run() {
             next = next.min(due);
         }
+        if let Some(due) = self.restore.next_run() {
+            next = next.min(due);
+        }
         if let Some(retry) = self.cx.redis.retry_in() {
             next = next.min(Instant::now() + retry.max(Duration::from_millis(1)));
         }
@@ -191,6 +198,9 @@ impl Bridge {
             report::log(&self.state_sync.run(cx, now));
         }
         report::log(&self.dispatch.run(cx, now));
+        if self.restore.due(cx) {
+            report::log(&self.restore.run(cx));
+        }
         cx.redis.end_cycle();
         shared::record_cycle();
     }

@@ -7,9 +7,11 @@
 //! - `rescue`: jobs popped but never started are dispatched again.
 //! - `state_sync`: committed state changes reach the job hashes and the dead-letter list.
 //! - `dispatch`: queued jobs are pushed in pipelined batches, then marked `migrated`.
+//! - `restore`: after Redis lost data, dead-letter entries, markers and job hashes go back.
 //!
 //! Their helpers: `context` (what duties share: the Redis link, key names, the read position,
-//! transactions), `redis_link` (the connection and its backoff), `push` (the batch statements
+//! transactions), `redis_link` (the connection and its backoff), `projection` (a job's hash and
+//! dead-letter entry from its row), `push` (the batch statements
 //! and Redis commands of dispatch), `promote` (due jobs become `queued`), `outcomes` (counts in
 //! `queue.stats`), `timer`, `report`. `shared` and `wake` are the shared-memory block and the
 //! commit-time wake-up that backends use.
@@ -20,12 +22,14 @@ pub mod main_loop;
 pub mod maintenance;
 pub mod memory_check;
 pub mod outcomes;
+pub mod projection;
 pub mod promote;
 pub mod push;
 pub mod redis_link;
 pub mod redis_loss;
 pub mod report;
 pub mod rescue;
+pub mod restore;
 pub mod retention;
 pub mod shared;
 pub mod state_sync;

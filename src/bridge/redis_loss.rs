@@ -8,7 +8,8 @@
 //! there each queue has its own, `queue_pg:{<queue>}:epoch`, in the queue's slot: it moves with
 //! the slot when the cluster is resharded and is lost exactly when the queue's lists are. Every
 //! push to a queue also sets it, in the push's MULTI (`push`), so a loss is noticed at the first
-//! push after it even before this check runs.
+//! push after it even before this check runs. Either way the rest of what Redis held is put
+//! back by `restore`.
 
 use super::context::{extension_ready, in_transaction, Context};
 use super::report::{Count, Level};
@@ -81,7 +82,9 @@ impl RedisLoss {
         };
         // This connection has been checked (or has failed and is gone).
         cx.redis.take_fresh();
-        let requeued = match lost.flatten() {
+        let lost = lost.flatten();
+        cx.restore_wanted |= lost.is_some();
+        let requeued = match lost {
             None => 0,
             Some(lost) => in_transaction(|client| {
                 if !extension_ready(client) {

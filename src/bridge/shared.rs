@@ -18,6 +18,10 @@ pub struct BridgeShared {
     /// batch, more after cluster redirects).
     push_batches_total: AtomicU64,
     push_round_trips_total: AtomicU64,
+    /// A restore of Redis after data loss is under way; what restores put back so far.
+    restoring: AtomicBool,
+    restored_dead_letters_total: AtomicU64,
+    restored_job_hashes_total: AtomicU64,
     /// Failed attempts scheduled for a retry, and jobs that died (moved to the dead letters),
     /// as the bridge applied them to Redis.
     retried_total: AtomicU64,
@@ -210,6 +214,21 @@ pub fn add_push_batch(round_trips: u64) {
     }
 }
 
+pub fn set_restoring(running: bool) {
+    if let Some(s) = shared() {
+        s.restoring.store(running, Ordering::Relaxed);
+    }
+}
+
+pub fn add_restored(dead_letters: u64, job_hashes: u64) {
+    if let Some(s) = shared() {
+        s.restored_dead_letters_total
+            .fetch_add(dead_letters, Ordering::Relaxed);
+        s.restored_job_hashes_total
+            .fetch_add(job_hashes, Ordering::Relaxed);
+    }
+}
+
 pub fn add_outcomes(retried: u64, dead_lettered: u64) {
     if let Some(s) = shared() {
         s.retried_total.fetch_add(retried, Ordering::Relaxed);
@@ -245,6 +264,9 @@ pub struct BridgeStatus {
     pub dispatched_total: u64,
     pub push_batches_total: u64,
     pub push_round_trips_total: u64,
+    pub restoring: bool,
+    pub restored_dead_letters_total: u64,
+    pub restored_job_hashes_total: u64,
     pub retried_total: u64,
     pub dead_lettered_total: u64,
     pub errors_total: u64,
@@ -262,6 +284,9 @@ pub fn status() -> Option<BridgeStatus> {
             dispatched_total: s.dispatched_total.load(Ordering::Relaxed),
             push_batches_total: s.push_batches_total.load(Ordering::Relaxed),
             push_round_trips_total: s.push_round_trips_total.load(Ordering::Relaxed),
+            restoring: s.restoring.load(Ordering::Relaxed),
+            restored_dead_letters_total: s.restored_dead_letters_total.load(Ordering::Relaxed),
+            restored_job_hashes_total: s.restored_job_hashes_total.load(Ordering::Relaxed),
             retried_total: s.retried_total.load(Ordering::Relaxed),
             dead_lettered_total: s.dead_lettered_total.load(Ordering::Relaxed),
             errors_total: s.errors_total.load(Ordering::Relaxed),

@@ -6,19 +6,18 @@
 //! Runs when a commit changed job states, while rows are left over, and once per poll interval.
 
 use super::context::{extension_ready, in_transaction, Context};
+use super::projection::{job_columns, put_dead_letters, DeadLetter, End, JobRow};
 use super::report::{Count, Level};
 use super::timer::Every;
 use super::{outcomes, shared};
+use crate::lifecycle::JobState;
 use crate::lifecycle::Sql;
-use crate::lifecycle::{JobState, Priority};
-use crate::redis::wire::{self, DeadLetterEntry, JobHash};
-use crate::redis::{iso_utc, iso_utc_from_pg, Client, Group, Keys};
+use crate::redis::wire;
+use crate::redis::{iso_utc, Client, Group, Keys};
 use crate::settings;
 use crate::spi_plans::types::INT8;
-use crate::spi_plans::{optional, required, with_plan};
-use pgrx::datum::TimestampWithTimeZone;
+use crate::spi_plans::{required, with_plan};
 use pgrx::spi::SpiClient;
-use serde_json::value::RawValue;
 use std::time::Instant;
 use std::time::SystemTime;
 
@@ -30,38 +29,21 @@ pub struct Change {
     replayed: bool,
     /// The state the job entered with this change.
     entered: JobState,
-    job: Option<JobNow>,
-}
-
-/// The job as it is now (a later change may have moved it on since the outbox row was written).
-struct JobNow {
-    status: JobState,
-    queue: String,
-    attempt_count: i32,
-    error: Option<String>,
-    failed_at: Option<String>,
-    retry_delay_ms: Option<i64>,
-    /// Only a dead job's (for its dead-letter entry).
-    payload: Option<Box<RawValue>>,
-    priority: Priority,
+    /// The job as it is now (a later change may have moved it on since the row was written).
+    job: Option<JobRow>,
 }
 
 // One primary-key lookup per outbox row: the LIMIT keeps Postgres from flattening the LATERAL
 // subquery into a join, which it planned as a hash join over all of queue.jobs (a full scan in
 // every bridge cycle). Only a dead job's payload is needed (for its dead-letter entry).
-static READ_OUTBOX: Sql = Sql::new(
+static READ_OUTBOX: Sql = Sql::new(concat!(
     "
-    SELECT o.id, o.job_id, o.event, o.status AS entered, j.status, j.queue_name,
-           j.attempt_count, j.last_error_message, j.failed_at, j.retry_delay_ms, j.payload,
-           j.priority
+    SELECT o.id, o.job_id, o.event, o.status AS entered, j.*
     FROM (SELECT id, job_id, event, status FROM queue.redis_outbox ORDER BY id LIMIT $1) o
-    LEFT JOIN LATERAL (
-        SELECT status, queue_name, attempt_count, last_error_message, failed_at,
-               (EXTRACT(EPOCH FROM (run_at - updated_at)) * 1000)::bigint AS retry_delay_ms,
-               CASE WHEN status = {failed} THEN payload::text END AS payload, priority
-        FROM queue.jobs WHERE id = o.job_id
-        LIMIT 1) j ON true",
-);
+    LEFT JOIN LATERAL (SELECT ",
+    job_columns!(),
+    " FROM queue.jobs WHERE id = o.job_id LIMIT 1) j ON true"
+));
 
 /// Removes the job's entries (they start with ARGV[1]) from the dead-letter list.
 const REMOVE_DEAD_LETTERS_OF: &str = "
@@ -149,30 +131,7 @@ fn read_changes(client: &mut SpiClient<'_>, limit: usize) -> Vec<Change> {
             .select(plan, None, &[(limit as i64).into()])
             .map_err(|e| e.to_string())?;
         rows.map(|row| {
-            let status: Option<String> = optional(row.get(5), "jobs.status")?;
-            let job = match status.as_deref().map(JobState::parse).transpose()? {
-                None => None,
-                Some(status) => Some(JobNow {
-                    queue: required(row.get(6), "jobs.queue_name")?,
-                    attempt_count: required(row.get(7), "jobs.attempt_count")?,
-                    error: optional(row.get(8), "jobs.last_error_message")?,
-                    failed_at: optional(row.get::<TimestampWithTimeZone>(9), "jobs.failed_at")?
-                        .map(|t| iso_utc_from_pg(t.into_inner())),
-                    retry_delay_ms: match status {
-                        JobState::RetryScheduled => Some(required(row.get(10), "the retry delay")?),
-                        _ => None,
-                    },
-                    payload: match status {
-                        JobState::Failed => Some(
-                            RawValue::from_string(required(row.get(11), "jobs.payload")?)
-                                .map_err(|e| format!("jobs.payload: {e}"))?,
-                        ),
-                        _ => None,
-                    },
-                    priority: Priority::parse(&required::<String>(row.get(12), "jobs.priority")?)?,
-                    status,
-                }),
-            };
+            let job = JobRow::read(&row, 5)?;
             Ok(Change {
                 id: required(row.get(1), "redis_outbox.id")?,
                 job_id: required(row.get(2), "redis_outbox.job_id")?,
@@ -196,24 +155,9 @@ fn publish_totals(changes: &[Change]) {
     shared::add_outcomes(count(JobState::RetryScheduled), count(JobState::Failed));
 }
 
-/// The dead-letter entry of a dead job.
-fn dead_letter_entry(id: i64, job: &JobNow, payload: &RawValue) -> String {
-    wire::to_json(&DeadLetterEntry {
-        id,
-        queue_name: job.queue.as_str().into(),
-        payload,
-        error: job.error.as_deref().unwrap_or("").into(),
-        failed_at: job.failed_at.as_deref().unwrap_or("").into(),
-        attempt_count: job.attempt_count,
-        original_priority: job.priority,
-    })
-}
-
 /// Applies the changes to Redis: removals of replayed jobs' dead-letter entries and markers,
-/// each job's hash (once per job), and whether dead jobs' markers exist, in one round trip per
-/// node; then, in a second, the entries and markers of dead jobs that had none. The list and a
-/// marker live in different cluster slots, so the marker is set after the entry: a crash in
-/// between means an entry twice (which a replay removes), never a dead job without one.
+/// and each job's hash (once per job), in one round trip per node; then the entries and markers
+/// of dead jobs that have none (`projection::put_dead_letters`).
 fn apply(client: &mut Client, keys: &Keys, changes: &[Change]) -> Result<(), String> {
     let now = iso_utc(SystemTime::now());
     let hash_ttl = settings::job_hash_ttl_s();
@@ -236,16 +180,7 @@ fn apply(client: &mut Client, keys: &Keys, changes: &[Change]) -> Result<(), Str
             continue;
         };
         let key = keys.job(c.job_id);
-        let hash = JobHash {
-            status: job.status,
-            queue: &job.queue,
-            attempt_count: job.attempt_count,
-            updated_at: &now,
-            queued_at: None,
-            error: job.error.as_deref(),
-            retry_delay_ms: job.retry_delay_ms,
-            failed_at: job.failed_at.as_deref(),
-        };
+        let hash = job.hash(&now);
         let mut group = Group::on_key(key.clone());
         group.cmd("HSET").arg(&key).arg(&hash);
         if hash.expires() {
@@ -254,36 +189,14 @@ fn apply(client: &mut Client, keys: &Keys, changes: &[Change]) -> Result<(), Str
             group.cmd("PERSIST").arg(&key);
         }
         groups.push(group);
-        if let Some(payload) = &job.payload {
-            let mut marker = Group::on_key(keys.dead_letter_marker(c.job_id));
-            marker.cmd("EXISTS").arg(keys.dead_letter_marker(c.job_id));
-            dead.push((
-                c.job_id,
-                dead_letter_entry(c.job_id, job, payload),
-                groups.len(),
-            ));
-            groups.push(marker);
+        if let Some(entry) = job.dead_letter_entry(c.job_id) {
+            dead.push(DeadLetter {
+                id: c.job_id,
+                entry,
+                ttl_s: settings::dead_letter_ttl_s(),
+            });
         }
     }
-    let replies = client.run_all(groups)?;
-    let dead_ttl = settings::dead_letter_ttl_s();
-    let mut second = Vec::new();
-    for (id, entry, exists) in dead {
-        if matches!(replies[exists].first(), Some(redis::Value::Int(0))) {
-            let mut list = Group::on_key(keys.dead_letter_list());
-            list.cmd("LPUSH").arg(keys.dead_letter_list()).arg(entry);
-            let mut marker = Group::on_key(keys.dead_letter_marker(id));
-            marker
-                .cmd("SET")
-                .arg(keys.dead_letter_marker(id))
-                .arg("moved")
-                .arg("EX")
-                .arg(dead_ttl);
-            second.extend([list, marker]);
-        }
-    }
-    if !second.is_empty() {
-        client.run_all(second)?;
-    }
-    Ok(())
+    client.run_all(groups)?;
+    put_dead_letters(client, keys, &dead, End::Head).map(|_| ())
 }

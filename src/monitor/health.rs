@@ -264,6 +264,11 @@ fn document(
             "dispatched_total": bridge.map(|b| b.dispatched_total),
             "push_batches_total": bridge.map(|b| b.push_batches_total),
             "push_round_trips_total": bridge.map(|b| b.push_round_trips_total),
+            "restore": bridge.map(|b| json!({
+                "running": b.restoring,
+                "dead_letters_total": b.restored_dead_letters_total,
+                "job_hashes_total": b.restored_job_hashes_total,
+            })),
             "errors_total": bridge.map(|b| b.errors_total),
             "last_error": bridge.and_then(|b| b.last_error.clone()),
         },

@@ -9,7 +9,10 @@
 //!   REDIS_URL=redis://127.0.0.1:6379 QUEUES=emails,reports target/release/queue-pg-worker
 //!
 //! Put your work in `handle()`. Delivery is at-least-once: a job may run again after a crash, so
-//! make `handle()` safe to repeat (idempotent). Settings (environment): DATABASE_URL, REDIS_URL
+//! make `handle()` safe to repeat (idempotent). When Redis or Postgres goes away, the worker waits
+//! for it (retrying after 0.1 s, then up to every 5 s; one log line when it goes, one when it is
+//! back), keeps the job in hand and reports its outcome once it can; only SIGTERM stops it.
+//! Settings (environment): DATABASE_URL, REDIS_URL
 //! (rediss:// for TLS, with an ACL user: rediss://user:password@host:port), REDIS_TLS_CA_FILE (a
 //! PEM file of the CAs that may sign the server's certificate; default: the system's),
 //! REDIS_CLUSTER (1: REDIS_URL holds comma-separated seed URLs of a Redis Cluster; the worker then
@@ -101,8 +104,14 @@ fn run_handler(
 }
 
 /// The SQL path: the job was started with queue.start; heartbeats (every third of the lease) and
-/// the end go through SQL.
-fn run(db: &mut Client, job: Job, stopping: &AtomicBool, grace: Duration) -> Result<(), Error> {
+/// the end go through SQL. The outcome is reported even if Postgres is away meanwhile: once it is
+/// back (the attempt token makes a report that already went through harmless).
+fn run(
+    pg: &mut Link<Client>,
+    job: Job,
+    stopping: &AtomicBool,
+    grace: Duration,
+) -> Result<(), Error> {
     let (id, attempt) = (job.id, job.attempt);
     let beat_every = (job.lease / 3).max(Duration::from_millis(500));
     let outcome = run_handler(
@@ -113,30 +122,149 @@ fn run(db: &mut Client, job: Job, stopping: &AtomicBool, grace: Duration) -> Res
         grace,
         beat_every,
         || {
+            // Skipped while Postgres is away (the report at the end waits for it).
+            let Some(db) = pg.conn.as_mut() else { return };
             if let Err(e) = db.execute(
                 "SELECT queue.heartbeat($1, attempt => $2)",
                 &[&id, &attempt],
             ) {
-                log(&format!("heartbeat for job {id} failed: {e}"));
+                if postgres_down(&e) {
+                    pg.conn = None;
+                } else {
+                    log(&format!("heartbeat for job {id} failed: {e}"));
+                }
             }
         },
     );
-    let reported = match &outcome {
-        Ok(result) => db.execute(
-            "SELECT queue.complete($1, $2, $3)",
-            &[&id, result, &attempt],
-        ),
-        Err(error) => db.execute("SELECT queue.fail($1, $2, $3)", &[&id, error, &attempt]),
-    };
-    match reported {
-        Ok(_) => Ok(()),
-        // Cancelled meanwhile, or the lease expired and the job moved on: nothing to report.
-        Err(e) if e.code() == Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) => {
-            log(&format!("job {id}: {e}"));
-            Ok(())
+    pg.call(stopping, |db| {
+        let reported = match &outcome {
+            Ok(result) => db.execute(
+                "SELECT queue.complete($1, $2, $3)",
+                &[&id, result, &attempt],
+            ),
+            Err(error) => db.execute("SELECT queue.fail($1, $2, $3)", &[&id, error, &attempt]),
+        };
+        match reported {
+            Ok(_) => Ok(()),
+            // Cancelled meanwhile, or the lease expired and the job moved on (or this report
+            // already went through before a reconnect): nothing to report.
+            Err(e) if e.code() == Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) => {
+                log(&format!("job {id}: {e}"));
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
         }
-        Err(e) => Err(e.into()),
+    })
+}
+
+/// SIGTERM arrived while the worker waited on a server.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped while a server was unreachable")
     }
+}
+
+impl std::error::Error for Stopped {}
+
+/// A connection to Redis or Postgres that rides out an outage: a call that fails for want of
+/// the server is tried again on a new connection, after 0.1 s, then twice as long each time up
+/// to 5 s, until it works (or SIGTERM). The log says once that the server is unreachable and
+/// once that it is back, not once per retry.
+struct Link<C> {
+    name: &'static str,
+    connect: Box<dyn Fn() -> Result<C, Error>>,
+    /// Whether an error means the server is away (not that it refused the request).
+    outage: fn(&Error) -> bool,
+    conn: Option<C>,
+    down: bool,
+}
+
+impl<C> Link<C> {
+    fn new(
+        name: &'static str,
+        connect: impl Fn() -> Result<C, Error> + 'static,
+        outage: fn(&Error) -> bool,
+    ) -> Self {
+        Link {
+            name,
+            connect: Box::new(connect),
+            outage,
+            conn: None,
+            down: false,
+        }
+    }
+
+    fn call<R>(
+        &mut self,
+        stopping: &AtomicBool,
+        mut f: impl FnMut(&mut C) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let result = match self.conn.as_mut() {
+                Some(conn) => f(conn),
+                None => (self.connect)().and_then(|conn| f(self.conn.insert(conn))),
+            };
+            let error = match result {
+                Ok(r) => {
+                    if std::mem::take(&mut self.down) {
+                        log(&format!("{} reachable again", self.name));
+                    }
+                    return Ok(r);
+                }
+                Err(e) if self.conn.is_none() || (self.outage)(&e) => e,
+                Err(e) => return Err(e),
+            };
+            self.conn = None;
+            // SIGTERM cuts a blocking read short (EINTR): that is no outage.
+            if stopping.load(Ordering::Relaxed) {
+                return Err(Box::new(Stopped));
+            }
+            if !self.down {
+                log(&format!(
+                    "{} unreachable ({error}); retrying until it is back",
+                    self.name
+                ));
+                self.down = true;
+            }
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !stopping.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            if stopping.load(Ordering::Relaxed) {
+                return Err(Box::new(Stopped));
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A Redis error that is not the server's answer: Redis is away (or the read was cut short).
+fn redis_down(e: &Error) -> bool {
+    e.downcast_ref::<redis::RedisError>().is_some_and(|e| {
+        e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_cluster_error()
+    })
+}
+
+/// A Postgres error without an SQLSTATE (the connection), or of class 08 or 57P (shut down).
+fn postgres_down(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error().is_none_or(|db| {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P")
+        })
+}
+
+fn postgres_down_boxed(e: &Error) -> bool {
+    e.downcast_ref::<postgres::Error>()
+        .is_some_and(postgres_down)
 }
 
 /// The fast path's reports: XADD to the job's queue's report stream, sent in one pipeline per
@@ -174,25 +302,35 @@ impl Reports {
         cmd.ignore();
     }
 
-    fn flush(&mut self, redis: &mut impl ConnectionLike) -> redis::RedisResult<()> {
-        for (_, pipe) in std::mem::take(&mut self.pending) {
-            if redis.supports_pipelining() {
-                pipe.query::<()>(redis)?;
-            } else {
-                // The crate's synchronous cluster connection sends one command at a time.
-                for cmd in pipe.cmd_iter() {
-                    cmd.query::<()>(redis)?;
+    /// Sends what is pending; while Redis is away it waits for it (see [`Link`]).
+    fn flush<C: ConnectionLike>(
+        &mut self,
+        redis: &mut Link<C>,
+        stopping: &AtomicBool,
+    ) -> Result<(), Error> {
+        let pending = &self.pending;
+        redis.call(stopping, |conn| {
+            for (_, pipe) in pending {
+                if conn.supports_pipelining() {
+                    pipe.query::<()>(conn)?;
+                } else {
+                    // The crate's synchronous cluster connection sends one command at a time.
+                    for cmd in pipe.cmd_iter() {
+                        cmd.query::<()>(conn)?;
+                    }
                 }
             }
-        }
+            Ok(())
+        })?;
+        self.pending.clear();
         Ok(())
     }
 }
 
 /// The fast path: no claim in Postgres. A job still running after a third of `lease` is
 /// reported started (with that lease), then kept alive by a heartbeat every third of it.
-fn run_fast(
-    redis: &mut impl ConnectionLike,
+fn run_fast<C: ConnectionLike>(
+    redis: &mut Link<C>,
     reports: &mut Reports,
     message: &Value,
     stopping: &AtomicBool,
@@ -225,13 +363,13 @@ fn run_fast(
             let op = if started { "heartbeat" } else { "start" };
             started = true;
             reports.add(queue, id, attempt, op, &lease_ms);
-            if let Err(e) = reports.flush(redis) {
+            if let Err(e) = reports.flush(redis, stopping) {
                 report_error = Some(e);
             }
         },
     );
     if let Some(e) = report_error {
-        return Err(e.into());
+        return Err(e);
     }
     match outcome {
         Ok(result) => reports.add(
@@ -306,38 +444,66 @@ fn main() -> Result<(), Error> {
         Ok(ca_file) => Some(std::fs::read(ca_file)?),
         Err(_) => None,
     };
-    if cluster {
-        // REDIS_URL: one or more comma-separated seed URLs.
-        let mut builder = redis::cluster::ClusterClient::builder(redis_url.split(','))
-            .connection_timeout(limit)
-            .response_timeout(limit);
-        if let Some(root_cert) = root_cert {
-            builder = builder.certs(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            });
-        }
-        let mut redis = builder.build()?.get_connection()?;
-        return work(&mut redis, &config, &stopping);
-    }
-    let client = match root_cert {
-        Some(root_cert) => redis::Client::build_with_tls(
-            redis_url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            },
-        )?,
-        None => redis::Client::open(redis_url)?,
+    let certs = move || {
+        root_cert.clone().map(|root_cert| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        })
     };
-    let mut redis = client.get_connection_with_timeout(limit)?;
-    redis.set_read_timeout(Some(limit))?;
-    redis.set_write_timeout(Some(limit))?;
-    work(&mut redis, &config, &stopping)
+    let database_url = config.database_url.clone();
+    let pg = Link::new(
+        "Postgres",
+        move || Ok(Client::connect(&database_url, NoTls)?),
+        postgres_down_boxed,
+    );
+    let done = if cluster {
+        // REDIS_URL: one or more comma-separated seed URLs.
+        let connect = move || -> Result<_, Error> {
+            let mut builder = redis::cluster::ClusterClient::builder(redis_url.split(','))
+                .connection_timeout(limit)
+                .response_timeout(limit);
+            if let Some(certs) = certs() {
+                builder = builder.certs(certs);
+            }
+            Ok(builder.build()?.get_connection()?)
+        };
+        work(
+            Link::new("Redis", connect, redis_down),
+            pg,
+            &config,
+            &stopping,
+        )
+    } else {
+        let connect = move || -> Result<_, Error> {
+            let client = match certs() {
+                Some(certs) => redis::Client::build_with_tls(redis_url.as_str(), certs)?,
+                None => redis::Client::open(redis_url.as_str())?,
+            };
+            let redis = client.get_connection_with_timeout(limit)?;
+            redis.set_read_timeout(Some(limit))?;
+            redis.set_write_timeout(Some(limit))?;
+            Ok(redis)
+        };
+        work(
+            Link::new("Redis", connect, redis_down),
+            pg,
+            &config,
+            &stopping,
+        )
+    };
+    match done {
+        // SIGTERM during an outage: what was in hand goes back by its lease or the rescue.
+        Err(e) if e.is::<Stopped>() => {}
+        other => other?,
+    }
+    log("stopped");
+    // A handler abandoned after the grace period may still be running: end the process now.
+    std::process::exit(0);
 }
 
-fn work(
-    redis: &mut impl ConnectionLike,
+fn work<C: ConnectionLike>(
+    mut redis: Link<C>,
+    mut pg: Link<Client>,
     config: &Config,
     stopping: &AtomicBool,
 ) -> Result<(), Error> {
@@ -351,20 +517,16 @@ fn work(
         while !stopping.load(Ordering::Relaxed) {
             for keys in &config.pops {
                 // Up to BATCH jobs from the first list that has any: high before normal before low.
-                let popped: Option<(String, Vec<String>)> = match redis::cmd("BLMPOP")
-                    .arg(config.pop_wait)
-                    .arg(keys.len())
-                    .arg(keys)
-                    .arg("RIGHT")
-                    .arg("COUNT")
-                    .arg(config.batch)
-                    .query(redis)
-                {
-                    Ok(popped) => popped,
-                    // SIGTERM during the pop ends the read with EINTR (see the SQL path below).
-                    Err(_) if stopping.load(Ordering::Relaxed) => break,
-                    Err(err) => return Err(err.into()),
-                };
+                let popped: Option<(String, Vec<String>)> = redis.call(stopping, |conn| {
+                    Ok(redis::cmd("BLMPOP")
+                        .arg(config.pop_wait)
+                        .arg(keys.len())
+                        .arg(keys)
+                        .arg("RIGHT")
+                        .arg("COUNT")
+                        .arg(config.batch)
+                        .query(conn)?)
+                })?;
                 let Some((_, messages)) = popped else {
                     continue; // nothing within the wait
                 };
@@ -374,43 +536,40 @@ fn work(
                         break;
                     }
                     let message: Value = serde_json::from_str(&message)?;
-                    run_fast(redis, &mut reports, &message, stopping, grace, lease)?;
+                    run_fast(&mut redis, &mut reports, &message, stopping, grace, lease)?;
                 }
-                reports.flush(redis)?;
+                reports.flush(&mut redis, stopping)?;
             }
         }
-        log("stopped");
-        std::process::exit(0);
+        return Ok(());
     }
-    let mut db = Client::connect(&config.database_url, NoTls)?;
+    pg.call(stopping, |_| Ok(()))?; // connected before saying ready
     println!("ready");
 
     while !stopping.load(Ordering::Relaxed) {
         for keys in &config.pops {
-            // Short, so SIGTERM is noticed within a second.
-            let popped: Option<(String, String)> = match redis::cmd("BRPOP")
-                .arg(keys)
-                .arg(config.pop_wait)
-                .query(redis)
-            {
-                Ok(popped) => popped,
-                // A socket with a timeout is not restarted after a signal: SIGTERM during BRPOP
-                // ends the read with EINTR. A job popped in that instant is rescued after
-                // queue.start_timeout, like one held by a crashed worker.
-                Err(_) if stopping.load(Ordering::Relaxed) => break,
-                Err(err) => return Err(err.into()),
-            };
+            // A socket with a timeout is not restarted after a signal: SIGTERM during BRPOP ends
+            // the read with EINTR, and the loop stops. A job popped in that instant is rescued
+            // after queue.start_timeout, like one held by a crashed worker.
+            let popped: Option<(String, String)> = redis.call(stopping, |conn| {
+                Ok(redis::cmd("BRPOP")
+                    .arg(keys)
+                    .arg(config.pop_wait)
+                    .query(conn)?)
+            })?;
             let Some((_, message)) = popped else { continue };
             let message: Value = serde_json::from_str(&message)?;
             let Some(id) = message["id"].as_i64() else {
                 log(&format!("skipping a message without an id: {message}"));
                 continue;
             };
-            let row = db.query_opt(
-                "SELECT attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 \
-                 FROM queue.start($1)",
-                &[&id],
-            )?;
+            let row = pg.call(stopping, |db| {
+                Ok(db.query_opt(
+                    "SELECT attempt, payload, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 \
+                     FROM queue.start($1)",
+                    &[&id],
+                )?)
+            })?;
             // No row: cancelled, finished, held by another worker, or a stale duplicate.
             let Some(row) = row else { continue };
             let job = Job {
@@ -419,10 +578,8 @@ fn work(
                 payload: row.get(1),
                 lease: Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0)),
             };
-            run(&mut db, job, stopping, grace)?;
+            run(&mut pg, job, stopping, grace)?;
         }
     }
-    log("stopped");
-    // A handler abandoned after the grace period may still be running: end the process now.
-    std::process::exit(0);
+    Ok(())
 }
