@@ -101,10 +101,13 @@ class Link {
   }
 }
 
-// A Redis error that is not the server's answer (a ReplyError) means Redis is away; so does a
-// Postgres error without an SQLSTATE, or of class 08 (connection) or 57P (shut down).
-const redisDown = (e) => !(e instanceof Redis.ReplyError);
-const postgresDown = (e) => !e.code || /^(08|57P)/.test(e.code) || e.code === 'ECONNREFUSED';
+// A Redis error that is not the server's answer (a ReplyError) means Redis is away, and so do
+// the answers of a server still loading its data, read-only during a failover, or a cluster
+// that is down; so does a Postgres error that is not the server's (a socket error such as
+// ECONNRESET), or of class 08 (connection) or 57P (shut down).
+const redisDown = (e) => !(e instanceof Redis.ReplyError)
+  || /^(LOADING|READONLY|MASTERDOWN|CLUSTERDOWN|TRYAGAIN)/.test(e.message);
+const postgresDown = (e) => !e.severity || /^(08|57P)/.test(e.code); // a server error has a severity
 
 async function connectPostgres() {
   const db = new Client({ connectionString: DATABASE_URL });
@@ -166,18 +169,31 @@ class Reports {
   }
 
   // One pipeline per stream: in a Redis Cluster a pipeline stays within one slot.
-  async flush() {
-    if (this.pending.length === 0) return;
-    await this.link.call(async (redis) => {
-      const byStream = new Map();
-      for (const [stream, entry] of this.pending) {
-        if (!byStream.has(stream)) byStream.set(stream, redis.pipeline());
-        byStream.get(stream).xadd(stream, '*', ...entry);
-      }
-      const results = await Promise.all([...byStream.values()].map((pipe) => pipe.exec()));
-      for (const [err] of results.flat()) if (err) throw err;
-    });
+  // Flushes run one after another (a heartbeat's may overlap the batch's): each takes what is
+  // pending when it starts, and keeps it until Redis took it.
+  flush() {
+    this.last = (this.last || Promise.resolve()).catch(() => {}).then(() => this.send());
+    return this.last;
+  }
+
+  async send() {
+    const batch = this.pending;
     this.pending = [];
+    if (batch.length === 0) return;
+    try {
+      await this.link.call(async (redis) => {
+        const byStream = new Map();
+        for (const [stream, entry] of batch) {
+          if (!byStream.has(stream)) byStream.set(stream, redis.pipeline());
+          byStream.get(stream).xadd(stream, '*', ...entry);
+        }
+        const results = await Promise.all([...byStream.values()].map((pipe) => pipe.exec()));
+        for (const [err] of results.flat()) if (err) throw err;
+      });
+    } catch (e) {
+      this.pending = batch.concat(this.pending); // SIGTERM, or a refused report: not sent
+      throw e;
+    }
   }
 }
 

@@ -121,7 +121,10 @@ class Link:
             self.conn = None
 
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError)
+# Redis is away: no answer (LOADING is a ConnectionError too), read-only during a failover, or a
+# cluster that cannot be reached or does not cover every slot.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError,
+              redis.exceptions.RedisClusterException, redis.exceptions.ClusterDownError)
 POSTGRES_DOWN = (psycopg.OperationalError,)
 
 

@@ -176,7 +176,7 @@ impl Step {
                 next_due_in: None,
             };
         }
-        let requeued = acknowledged
+        let requeued: usize = acknowledged
             .epoch_missing
             .iter()
             .map(|(queue, pushed)| redis_loss::requeue_lost_queue(client, queue, pushed))
@@ -186,6 +186,9 @@ impl Step {
         let batch = match read {
             Some(after_id) => {
                 let after_id = also_from.map_or(after_id, |also| after_id.min(also - 1));
+                // A lost queue's older jobs are `queued` again: read them before anything newer,
+                // so that its list keeps its order from here on.
+                let after_id = if requeued > 0 { 0 } else { after_id };
                 push::read_batch(client, after_id, limit)
             }
             None => Vec::new(),

@@ -15,7 +15,7 @@ use super::context::{extension_ready, in_transaction, Context};
 use super::report::{Count, Level};
 use super::timer::Every;
 use crate::lifecycle::{queues_in_state, Sql};
-use crate::redis::{Client, Group, Keys};
+use crate::redis::{Client, Group};
 use crate::settings;
 use crate::spi_plans::types::{INT8_ARRAY, TEXT};
 use crate::spi_plans::{self, required};
@@ -60,59 +60,61 @@ impl RedisLoss {
         self.every.next(settings::poll_interval())
     }
 
+    /// Looks for epoch keys that are gone, dispatches again what they stood for, and only then
+    /// sets them again: a bridge that dies in between finds them gone once more (and dispatches
+    /// again, which `start` and the attempt token make harmless), never a loss forgotten.
     pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
         self.every.ran(now);
         let keys = &cx.keys;
         let cluster = cx.redis.run(|client| Ok(client.is_cluster()));
-        let lost = match cluster {
-            Some(false) => cx
-                .redis
-                .run(|client| epoch_was_missing(client, keys))
-                .map(|missing| missing.then_some(Lost::All)),
+        // The epoch keys to look at: one server's one, or per queue with migrated jobs.
+        let epochs: Vec<(String, Option<String>)> = match cluster {
+            Some(false) => vec![(keys.epoch(), None)],
             Some(true) => {
-                let queues = in_transaction(|client| {
-                    extension_ready(client).then(|| migrated_queues(client))
-                });
-                let queues = queues.unwrap_or_default();
-                cx.redis
-                    .run(|client| queue_epochs_missing(client, keys, &queues))
-                    .map(|lost| (!lost.is_empty()).then_some(Lost::Queues(lost)))
+                in_transaction(|client| extension_ready(client).then(|| migrated_queues(client)))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|q| (keys.queue_epoch(&q), Some(q)))
+                    .collect()
             }
-            None => None,
+            None => Vec::new(),
+        };
+        // Queues whose keys could be read count even if others' could not (their master is
+        // down): the link fails, and the rest is looked at on its next connection.
+        let missing = if epochs.is_empty() {
+            None
+        } else {
+            cx.redis
+                .run_partial(|client| missing_epochs(client, &epochs))
         };
         // This connection has been checked (or has failed and is gone).
         cx.redis.take_fresh();
-        let lost = lost.flatten();
-        cx.restore_wanted |= lost.is_some();
-        let requeued = match lost {
-            None => 0,
-            Some(lost) => in_transaction(|client| {
-                if !extension_ready(client) {
-                    return 0;
-                }
-                match &lost {
-                    Lost::All => requeue_all_migrated(client),
-                    Lost::Queues(queues) => queues
-                        .iter()
-                        .map(|q| requeue_lost_queue(client, q, &[]))
-                        .sum(),
-                }
-            }),
+        let Some(missing) = missing.filter(|m| !m.is_empty()) else {
+            return Vec::new();
         };
+        cx.restore_wanted = true;
+        let requeued = in_transaction(|client| {
+            if !extension_ready(client) {
+                return 0;
+            }
+            missing
+                .iter()
+                .map(|(_, queue)| match queue {
+                    None => requeue_all_migrated(client),
+                    Some(q) => requeue_lost_queue(client, q, &[]),
+                })
+                .sum()
+        });
         if requeued > 0 {
             cx.read_from.rewind();
         }
+        cx.redis.run(|client| set_epochs(client, &missing));
         vec![Count::new(
             requeued,
             Level::Warning,
             "Redis lost its data; dispatching {n} jobs again",
         )]
     }
-}
-
-enum Lost {
-    All,
-    Queues(Vec<String>),
 }
 
 /// The value the bridge gives an epoch key: who set it, and when.
@@ -124,37 +126,47 @@ pub fn epoch_token() -> String {
     )
 }
 
-/// Sets the epoch key if it is missing; true if it was missing (Redis is new or lost its data).
-fn epoch_was_missing(client: &mut Client, keys: &Keys) -> Result<bool, String> {
-    let mut cmd = redis::cmd("SET");
-    cmd.arg(keys.epoch()).arg(epoch_token()).arg("NX");
-    let set: Option<String> = client.query(&keys.epoch(), cmd)?;
-    Ok(set.is_some())
-}
-
-/// Sets each queue's epoch key where it is missing (one round trip per master); returns those
-/// queues.
-fn queue_epochs_missing(
+/// Which of the epoch keys are gone (one round trip per master), and the first error.
+fn missing_epochs(
     client: &mut Client,
-    keys: &Keys,
-    queues: &[String],
-) -> Result<Vec<String>, String> {
-    let token = epoch_token();
-    let groups = queues
+    epochs: &[(String, Option<String>)],
+) -> (Vec<(String, Option<String>)>, Option<String>) {
+    let groups = epochs
         .iter()
-        .map(|q| {
-            let mut g = Group::on_key(keys.queue_epoch(q));
-            g.cmd("SET").arg(keys.queue_epoch(q)).arg(&token).arg("NX");
+        .map(|(key, _)| {
+            let mut g = Group::on_key(key.clone());
+            g.cmd("EXISTS").arg(key);
             g
         })
         .collect();
-    let replies = client.run_all(groups)?;
-    Ok(queues
+    let mut error = None;
+    let mut missing = Vec::new();
+    for (epoch, reply) in epochs.iter().zip(client.run(groups)) {
+        match reply {
+            Ok(values) if matches!(values.first(), Some(redis::Value::Int(0))) => {
+                missing.push(epoch.clone())
+            }
+            Ok(_) => {}
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    (missing, error)
+}
+
+/// Sets the epoch keys again (`SET NX`: a push may have set one meanwhile).
+fn set_epochs(client: &mut Client, epochs: &[(String, Option<String>)]) -> Result<(), String> {
+    let token = epoch_token();
+    let groups = epochs
         .iter()
-        .zip(replies)
-        .filter(|(_, r)| !matches!(r.first(), Some(redis::Value::Nil)))
-        .map(|(q, _)| q.clone())
-        .collect())
+        .map(|(key, _)| {
+            let mut g = Group::on_key(key.clone());
+            g.cmd("SET").arg(key).arg(&token).arg("NX");
+            g
+        })
+        .collect();
+    client.run_all(groups).map(|_| ())
 }
 
 /// The queues that have migrated jobs: a loose index scan, one probe per queue.

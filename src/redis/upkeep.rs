@@ -19,6 +19,13 @@ const PRESSURE: f64 = 0.8;
 /// At most this many halvings of the dead-letter list per check.
 const MAX_TRIMS: usize = 16;
 
+/// Gives the key a TTL if it has none (`EXPIRE … NX`, which needs Redis 7).
+const EXPIRE_IF_NO_TTL: &str = "
+    if redis.call('TTL', KEYS[1]) == -1 then
+        return redis.call('EXPIRE', KEYS[1], ARGV[1])
+    end
+    return 0";
+
 #[derive(Default, Debug)]
 pub struct Report {
     pub scanned: u64,
@@ -96,8 +103,8 @@ impl Sweep {
             .collect())
     }
 
-    /// Gives `queue.job_hash_ttl` to the hashes of `ids` that still have no TTL (`EXPIRE NX`:
-    /// the bridge may have set one meanwhile), except those of the `unfinished` jobs.
+    /// Gives `queue.job_hash_ttl` to the hashes of `ids` that still have no TTL (the bridge may
+    /// have set one meanwhile), except those of the `unfinished` jobs.
     pub fn expire(
         &mut self,
         client: &mut Client,
@@ -116,7 +123,7 @@ impl Sweep {
             .iter()
             .map(|key| {
                 let mut g = Group::on_key(key.clone());
-                g.cmd("EXPIRE").arg(key).arg(ttl).arg("NX");
+                g.cmd("EVAL").arg(EXPIRE_IF_NO_TTL).arg(1).arg(key).arg(ttl);
                 g
             })
             .collect();

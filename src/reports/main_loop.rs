@@ -223,16 +223,18 @@ impl Applier {
         let count = settings::batch_size();
         let max_bytes = settings::max_payload_bytes();
         let streams = &self.streams;
-        let read = self.link.run_for(BLOCK, |client| {
-            if client.is_cluster() {
-                read_per_slot(client, streams, count, max_bytes)
-            } else {
+        let read = if self.link.is_cluster() {
+            // What the reachable masters gave is applied even when another master is down.
+            self.link
+                .run_partial(|client| read_per_slot(client, streams, count, max_bytes))?
+        } else {
+            self.link.run_for(BLOCK, |client| {
                 let group = streams.xread(count, BLOCK.as_millis() as u64);
                 let mut replies = client.run_all(vec![group])?;
                 let reply = replies.pop().and_then(|mut r| r.pop());
                 parse_xread(reply.ok_or("no XREAD reply")?, streams.keys(), max_bytes)
-            }
-        })?;
+            })?
+        };
         for (i, entries) in read.iter().enumerate() {
             if let Some(last) = entries.last() {
                 self.streams.advance(i, &last.entry_id);
@@ -250,21 +252,29 @@ fn read_per_slot(
     streams: &Streams,
     count: usize,
     max_bytes: usize,
-) -> Result<Vec<Vec<Entry>>, String> {
+) -> (Vec<Vec<Entry>>, Option<String>) {
     let (groups, members): (Vec<Group>, Vec<Vec<usize>>) =
         streams.xread_per_slot(count).into_iter().unzip();
     let mut read: Vec<Vec<Entry>> = streams.keys().iter().map(|_| Vec::new()).collect();
-    for (mut replies, members) in client.run_all(groups)?.into_iter().zip(members) {
+    let mut error = None;
+    for (replies, members) in client.run(groups).into_iter().zip(members) {
         let keys: Vec<String> = members.iter().map(|&i| streams.keys()[i].clone()).collect();
-        let reply = replies.pop().ok_or("no XREAD reply")?;
-        for (entries, i) in parse_xread(reply, &keys, max_bytes)?
-            .into_iter()
-            .zip(members)
-        {
-            read[i] = entries;
+        let parsed = replies.and_then(|mut replies| {
+            let reply = replies.pop().ok_or("no XREAD reply")?;
+            parse_xread(reply, &keys, max_bytes)
+        });
+        match parsed {
+            Ok(entries) => {
+                for (entries, i) in entries.into_iter().zip(members) {
+                    read[i] = entries;
+                }
+            }
+            Err(e) => {
+                error.get_or_insert(e);
+            }
         }
     }
-    Ok(read)
+    (read, error)
 }
 
 /// XDEL the given entries of each stream, in one round trip per node.

@@ -242,14 +242,23 @@ impl<C> Link<C> {
     }
 }
 
-/// A Redis error that is not the server's answer: Redis is away (or the read was cut short).
+/// Redis is away: no answer, a server still loading its data or read-only (a failover under
+/// way), or a cluster without a node for the slot.
 fn redis_down(e: &Error) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
     e.downcast_ref::<redis::RedisError>().is_some_and(|e| {
         e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.is_cluster_error()
+            || matches!(
+                e.kind(),
+                ErrorKind::ClusterConnectionNotFound
+                    | ErrorKind::Server(ServerErrorKind::BusyLoading)
+                    | ErrorKind::Server(ServerErrorKind::ReadOnly)
+                    | ErrorKind::Server(ServerErrorKind::MasterDown)
+            )
     })
 }
 
