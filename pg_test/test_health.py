@@ -40,12 +40,14 @@ def test_health_reports_a_known_state(db, r):
     outbox_applied(db)  # outcomes are counted as the bridge applies them
 
     h = health(db)
-    assert set(h) == {"timestamp", "status", "version", "role", "redis", "queues", "recent_jobs",
+    assert set(h) == {"timestamp", "status", "reasons", "version", "role", "redis", "queues", "recent_jobs",
                       "dead_letter_queue", "bridge", "reports"}
+    assert h["reasons"] == ["jobs died in the last hour: 1"], h["reasons"]
     assert h["role"] == "primary"
     assert h["version"] == db.execute("SELECT extversion FROM pg_extension WHERE extname = 'queue_pg'").fetchone()[0]
-    assert set(h["redis"]) == {"status", "ping", "memory_used", "memory_used_percentage", "connected_clients",
-                               "mode", "nodes", "error"}
+    assert set(h["redis"]) == {"status", "ping", "memory_used", "memory_used_percentage", "maxmemory_policy",
+                               "connected_clients", "mode", "nodes", "error"}
+    assert h["redis"]["maxmemory_policy"] == "noeviction"
     assert h["redis"]["mode"] == "standalone"
     [node] = h["redis"]["nodes"]
     assert node["addr"] == f"127.0.0.1:{ENV['QPG_REDIS_PORT']}" and node["role"] == "master", node
@@ -79,7 +81,31 @@ def test_health_reports_a_known_state(db, r):
 def test_health_is_healthy_when_all_is_well(db, r):
     db.execute("SELECT queue.enqueue('fine', '1')")
     wait_for(lambda: r.llen(list_key("fine")) == 1)
-    assert health(db)["status"] == "healthy"
+    h = health(db)
+    assert h["status"] == "healthy" and h["reasons"] == [], h
+
+
+def test_an_evicting_redis_makes_health_degraded_and_the_bridge_warns_once(db, r):
+    log = os.path.join(ENV["QPG_HOME"], "postgres.log")
+    size = os.path.getsize(log)
+    set_config(db, memory_check_interval="1s")
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        h = health(db)
+        assert h["status"] == "degraded", h
+        assert h["redis"]["maxmemory_policy"] == "allkeys-lru"
+        assert any("maxmemory-policy allkeys-lru" in reason for reason in h["reasons"]), h["reasons"]
+        time.sleep(3.5)  # three memory checks
+    finally:
+        r.config_set("maxmemory-policy", "noeviction")
+    h = wait_for(lambda: (lambda h: h if h["status"] == "healthy" else None)(health(db)),
+                 what="health() healthy with noeviction")
+    assert h["reasons"] == []
+    wait_for(lambda: "noeviction now" in open(log).read()[size:], what="the bridge's all-clear")
+    with open(log) as f:
+        f.seek(size)
+        new = f.read()
+    assert new.count("Redis may evict queue_pg's keys") == 1, new
 
 
 def test_redis_by_host_name_serves_health_and_the_bridge(db, r):

@@ -8,8 +8,9 @@ use super::context::{in_transaction, Context};
 use super::report::{Count, Level};
 use super::timer::Every;
 use crate::lifecycle::unfinished_among;
-use crate::redis::upkeep::{trim_dead_letters, Sweep};
+use crate::redis::upkeep::{evicting_masters, trim_dead_letters, Sweep};
 use crate::settings;
+use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 
 /// How long one slice may spend sweeping.
@@ -19,6 +20,8 @@ pub struct MemoryCheck {
     every: Every,
     slices: Every,
     sweep: Option<Sweep>,
+    /// The evicting masters last logged (None: not checked yet).
+    evicting: Option<Vec<(String, String)>>,
 }
 
 impl Default for MemoryCheck {
@@ -28,6 +31,7 @@ impl Default for MemoryCheck {
             every: Every::starting_now(),
             slices: Every::default(),
             sweep: None,
+            evicting: None,
         }
     }
 }
@@ -61,6 +65,9 @@ impl MemoryCheck {
                     return Vec::new();
                 };
                 trimmed = n;
+                if let Some(evicting) = cx.redis.run(evicting_masters) {
+                    self.log_eviction(evicting);
+                }
                 Sweep::new(keys)
             }
         };
@@ -82,6 +89,28 @@ impl MemoryCheck {
                 "gave {n} finished jobs' Redis hashes their TTL",
             ),
         ]
+    }
+}
+
+impl MemoryCheck {
+    /// One WARNING when a master may evict queue_pg's keys, one LOG when none may any more.
+    fn log_eviction(&mut self, evicting: Vec<(String, String)>) {
+        if self.evicting.as_ref() == Some(&evicting) {
+            return;
+        }
+        if !evicting.is_empty() {
+            let which: Vec<String> = evicting
+                .iter()
+                .map(|(addr, policy)| format!("{addr} ({policy})"))
+                .collect();
+            warning!(
+                "queue_pg bridge: Redis may evict queue_pg's keys: maxmemory-policy is not noeviction at {}; an evicted list or counter can leave jobs waiting for messages that are gone. Set maxmemory-policy noeviction",
+                which.join(", ")
+            );
+        } else if self.evicting.is_some() {
+            log!("queue_pg bridge: every Redis master has maxmemory-policy noeviction now");
+        }
+        self.evicting = Some(evicting);
     }
 }
 

@@ -208,13 +208,39 @@ fn document(
     let standby = bridge_status == BridgeState::Standby;
     let applier_running = applier_state(reports.applier) == "running";
     let workers_ok = standby || (bridge_status == BridgeState::Running && applier_running);
-    let status = if !redis_ok || !workers_ok {
+    // Why the answer is not `healthy`, in words.
+    let mut reasons: Vec<String> = Vec::new();
+    if let Some(e) = &redis.error {
+        reasons.push(format!("Redis cannot be asked: {e}"));
+    }
+    if !workers_ok {
+        reasons.push(format!(
+            "the bridge is {} and the report applier {}",
+            bridge_status.as_str(),
+            applier_state(reports.applier)
+        ));
+    }
+    let unhealthy = !reasons.is_empty();
+    if lag_ms > 10_000 {
+        reasons.push(format!("jobs have waited {lag_ms} ms for dispatch"));
+    }
+    if let Some(p) = memory_pct.filter(|p| *p > 80.0) {
+        reasons.push(format!("Redis uses {p:.0} % of its maxmemory"));
+    }
+    for (addr, policy) in &redis.evicting {
+        reasons.push(format!(
+            "Redis at {addr} has maxmemory-policy {policy}: it may evict queue_pg's keys; use noeviction"
+        ));
+    }
+    if failed > 0 {
+        reasons.push(format!("jobs died in the last hour: {failed}"));
+    }
+    if let Some(ms) = oldest_report_ms.filter(|ms| *ms > REPORT_AGE_DEGRADED_MS) {
+        reasons.push(format!("a report has waited {ms} ms"));
+    }
+    let status = if unhealthy {
         "unhealthy"
-    } else if lag_ms > 10_000
-        || memory_pct.is_some_and(|p| p > 80.0)
-        || failed > 0
-        || oldest_report_ms.is_some_and(|ms| ms > REPORT_AGE_DEGRADED_MS)
-    {
+    } else if !reasons.is_empty() {
         "degraded"
     } else {
         "healthy"
@@ -223,6 +249,7 @@ fn document(
     json!({
         "timestamp": iso_utc(now),
         "status": status,
+        "reasons": reasons,
         "version": LIBRARY_VERSION,
         "role": if in_recovery() { "standby" } else { "primary" },
         "redis": {
@@ -230,6 +257,7 @@ fn document(
             "ping": redis.ping,
             "memory_used": redis.memory_used,
             "memory_used_percentage": memory_pct,
+            "maxmemory_policy": redis.nodes.iter().find_map(|n| n.maxmemory_policy.clone()),
             "connected_clients": redis.connected_clients,
             "mode": match settings::redis_mode() {
                 RedisMode::Standalone => "standalone",
@@ -241,6 +269,7 @@ fn document(
                 "reachable": n.error.is_none(),
                 "memory_used": n.memory_used,
                 "maxmemory": n.max_memory,
+                "maxmemory_policy": n.maxmemory_policy,
                 "connected_clients": n.connected_clients,
                 "error": n.error,
             })).collect::<Vec<_>>(),

@@ -16,6 +16,9 @@ pub struct RedisProbe {
     pub memory_used: Option<i64>,
     pub max_memory: Option<i64>,
     pub connected_clients: Option<i64>,
+    /// Masters whose `maxmemory-policy` is not `noeviction`, with the policy: they may evict
+    /// queue_pg's keys.
+    pub evicting: Vec<(String, String)>,
     /// Per queue: LLEN of its high, normal and low lists.
     pub lists: Vec<[i64; 3]>,
     /// Per queue: its report stream.
@@ -33,6 +36,7 @@ pub struct NodeProbe {
     pub role: String,
     pub memory_used: Option<i64>,
     pub max_memory: Option<i64>,
+    pub maxmemory_policy: Option<String>,
     pub connected_clients: Option<i64>,
     pub error: Option<String>,
 }
@@ -103,6 +107,13 @@ fn ask(target: &Target, queues: &[String]) -> Result<RedisProbe, String> {
         let reply = replies.next().unwrap_or_else(|| Err("no reply".into()));
         let node = node_probe(addr, role, reply, &mut now_ms);
         if counts {
+            if let Some(policy) = node
+                .maxmemory_policy
+                .as_ref()
+                .filter(|p| *p != "noeviction")
+            {
+                probe.evicting.push((node.addr.clone(), policy.clone()));
+            }
             match (
                 &node.error,
                 node.memory_used,
@@ -226,6 +237,13 @@ fn node_probe(
         let memory = text(memory)?;
         node.memory_used = Some(field(&memory, "used_memory")?);
         node.max_memory = Some(field(&memory, "maxmemory")?);
+        node.maxmemory_policy = Some(
+            memory
+                .lines()
+                .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                .map(|p| p.trim().to_owned())
+                .ok_or("Redis's INFO has no maxmemory_policy")?,
+        );
         node.connected_clients = Some(field(&text(clients)?, "connected_clients")?);
         let role = text(replication)?;
         if role.lines().any(|l| l.trim() == "role:slave") {

@@ -161,6 +161,25 @@ pub fn memory(client: &mut Client) -> Result<(i64, i64), String> {
     Ok((used, max))
 }
 
+/// The masters whose `maxmemory-policy` is not `noeviction`, with their policy.
+pub fn evicting_masters(client: &mut Client) -> Result<Vec<(String, String)>, String> {
+    let mut evicting = Vec::new();
+    for addr in client.masters() {
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        let info: String = client.query_node(&addr, info)?;
+        let policy = info
+            .lines()
+            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+            .map(|p| p.trim().to_owned())
+            .ok_or("Redis's INFO memory has no maxmemory_policy")?;
+        if policy != "noeviction" {
+            evicting.push((addr, policy));
+        }
+    }
+    Ok(evicting)
+}
+
 /// `used_memory` and `maxmemory` of the node serving `key`.
 fn memory_at(client: &mut Client, key: &str) -> Result<(i64, i64), String> {
     let mut info = redis::cmd("INFO");
