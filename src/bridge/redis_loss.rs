@@ -66,18 +66,16 @@ impl RedisLoss {
     pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
         self.every.ran(now);
         let keys = &cx.keys;
-        let cluster = cx.redis.run(|client| Ok(client.is_cluster()));
-        // The epoch keys to look at: one server's one, or per queue with migrated jobs.
-        let epochs: Vec<(String, Option<String>)> = match cluster {
-            Some(false) => vec![(keys.epoch(), None)],
-            Some(true) => {
-                in_transaction(|client| extension_ready(client).then(|| migrated_queues(client)))
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|q| (keys.queue_epoch(&q), Some(q)))
-                    .collect()
-            }
-            None => Vec::new(),
+        // The epoch keys to look at: one server's one, or per queue with migrated jobs (none
+        // while the extension is not installed). `due` made sure a connection is open.
+        let epochs: Vec<(String, Option<String>)> = if !cx.redis.is_cluster() {
+            vec![(keys.epoch(), None)]
+        } else {
+            in_transaction(|client| extension_ready(client).then(|| migrated_queues(client)))
+                .into_iter()
+                .flatten()
+                .map(|q| (keys.queue_epoch(&q), Some(q)))
+                .collect()
         };
         // Queues whose keys could be read count even if others' could not (their master is
         // down): the link fails, and the rest is looked at on its next connection.
