@@ -57,8 +57,10 @@ def test_health_reports_a_known_state(db, r):
     assert isinstance(h["redis"]["connected_clients"], int)
     q1, q2 = h["queues"]["h1"], h["queues"]["h2"]
     assert set(q1) == {"high", "normal", "low", "queued", "scheduled", "retry_scheduled", "running", "oldest_age_s",
-                       "migrated", "reports_waiting", "oldest_report_age_ms"}
+                       "migrated", "missing", "stranded", "status", "reports_waiting", "oldest_report_age_ms"}
     assert (q1["high"], q1["normal"], q1["low"]) == (1, 1, 0)
+    # Both migrated jobs are in their lists; nothing is stranded.
+    assert (q1["migrated"], q1["missing"], q1["stranded"], q1["status"]) == (2, 0, 0, "healthy"), q1
     assert (q1["queued"], q1["scheduled"], q1["retry_scheduled"], q1["running"]) == (0, 1, 1, 1)
     assert (q2["high"], q2["normal"], q2["low"], q2["queued"]) == (0, 0, 0, 2)
     assert (q1["migrated"], q1["reports_waiting"], q1["oldest_report_age_ms"]) == (2, 0, None)

@@ -79,6 +79,13 @@ AS 'MODULE_PATHNAME', 'metrics_wrapper';
 -- As in 0.1.0: its small scans cost less without parallel workers.
 ALTER FUNCTION queue.metrics() SET max_parallel_workers_per_gather = 0;
 
+-- The bridge numbers its pushes from one sequence instead of a counter per list kept in Redis
+-- (which Redis can lose). Numbers continue above every position 0.1.0 gave, so each list's
+-- jobs stay in push order; 0.1.0's `queue_pg:{<queue>}:<priority>:pushed` keys are unused now.
+CREATE SEQUENCE queue.dispatch_order;
+SELECT pg_catalog.setval('queue.dispatch_order', max(dispatch_seq)) FROM queue.jobs WHERE dispatch_seq > 0;
+SELECT pg_catalog.pg_extension_config_dump('queue.dispatch_order', '');
+
 -- Roles and privileges, as a fresh install sets them (0.1.0 had none: PUBLIC could call
 -- everything). The same statements as the install's last step.
 DO $$

@@ -40,8 +40,12 @@ CREATE TABLE queue.jobs (
     errors             jsonb NOT NULL DEFAULT '[]',
     -- Dispatch bookkeeping, written by the bridge only.
     dispatched_at      timestamptz, -- when the bridge last pushed the job to Redis
-    dispatch_seq       bigint       -- its position in the Redis list (that list's push counter)
+    dispatch_seq       bigint       -- its place in the bridge's push order (queue.dispatch_order)
 );
+
+-- The bridge's push order: every message it pushes takes the next number, so within one Redis
+-- list (FIFO) the jobs a list holds are exactly those numbered from its oldest entry on.
+CREATE SEQUENCE queue.dispatch_order;
 
 -- Every index below is partial on the states it serves, so the bridge's work and the size of
 -- these indexes grow with the live jobs, never with the finished ones.
@@ -53,7 +57,7 @@ CREATE INDEX jobs_due_idx ON queue.jobs (run_at) WHERE status IN ('scheduled', '
 -- One unfinished job per (queue, dedupe_key).
 CREATE UNIQUE INDEX jobs_dedupe_idx ON queue.jobs (queue_name, dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status IN ('queued', 'scheduled', 'migrated', 'running', 'retry_scheduled');
--- Jobs that sit in Redis, by list and position: what the rescue of popped-but-never-started jobs reads.
+-- Jobs that sit in Redis, by list and push order: what the rescue of jobs in no list reads.
 CREATE INDEX jobs_migrated_idx ON queue.jobs (queue_name, priority, dispatch_seq) WHERE status = 'migrated';
 
 -- Running jobs by lease end: the bridge's rescue of expired leases.
@@ -119,5 +123,6 @@ CREATE VIEW queue.dead_letters AS
 SELECT pg_catalog.pg_extension_config_dump('queue.queues', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.jobs', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.jobs_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('queue.dispatch_order', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.stats', '');
 SELECT pg_catalog.pg_extension_config_dump('queue.rejected_reports', '');

@@ -34,9 +34,10 @@ struct Kept {
     writes: bool,
 }
 
-/// Whether a statement of queue_pg's writes (or locks rows): its SQL is written in capitals.
+/// Whether a statement of queue_pg's writes (or locks rows, or draws from a sequence): its SQL
+/// is written in capitals.
 fn writes(sql: &str) -> bool {
-    ["INSERT", "UPDATE", "DELETE"]
+    ["INSERT", "UPDATE", "DELETE", "nextval("]
         .iter()
         .any(|verb| sql.contains(verb))
 }

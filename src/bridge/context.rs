@@ -1,6 +1,7 @@
 //! What the bridge's duties share: the Redis connection, the key names, where dispatch reads
 //! queued jobs from, and the one way they open a transaction.
 
+use super::memory_gate::MemoryGate;
 use super::redis_link::RedisLink;
 use super::shared;
 use crate::extension::{self, Installed};
@@ -18,6 +19,11 @@ pub struct Context {
     pub read_from: ReadFrom,
     /// Redis lost data: what it projects of Postgres is to be put back (`restore`).
     pub restore_wanted: bool,
+    /// Queues whose epoch key a push found gone (cluster), with that push's first number:
+    /// `redis_loss` looks for their jobs pushed before it.
+    pub suspect_queues: Vec<(String, i64)>,
+    /// Whether Redis has room for more (dispatch and restore hold back when it has not).
+    pub memory_gate: MemoryGate,
 }
 
 impl Context {
@@ -27,6 +33,8 @@ impl Context {
             keys: Keys::new(settings::redis_prefix()),
             read_from: ReadFrom::default(),
             restore_wanted: false,
+            suspect_queues: Vec::new(),
+            memory_gate: MemoryGate::default(),
         }
     }
 

@@ -13,9 +13,9 @@
 //! whole paused backlog.
 
 use super::context::{extension_ready, in_transaction, Context};
+use super::memory_gate;
 use super::promote;
 use super::push::{self, InFlight, Job, Pushed};
-use super::redis_loss;
 use super::report::{Count, Level};
 use super::shared::{self, shutdown_requested};
 use super::timer::Every;
@@ -32,6 +32,8 @@ pub struct Dispatch {
     sweep_timer: Every,
     /// When the next scheduled or retrying job falls due.
     next_due: Option<Instant>,
+    /// Redis is nearly full (`memory_gate`): when to look again.
+    held_until: Option<Instant>,
 }
 
 impl Default for Dispatch {
@@ -41,6 +43,7 @@ impl Default for Dispatch {
             sweep: None,
             sweep_timer: Every::starting_now(),
             next_due: None,
+            held_until: None,
         }
     }
 }
@@ -48,7 +51,7 @@ impl Default for Dispatch {
 impl Dispatch {
     /// Dispatch runs every cycle; between cycles it wants one when a waiting job falls due.
     pub fn next_run(&self) -> Option<Instant> {
-        self.next_due
+        [self.next_due, self.held_until].into_iter().flatten().min()
     }
 
     /// One drain. Returns how many jobs Redis acknowledged.
@@ -65,12 +68,20 @@ impl Dispatch {
         let mut in_flight: Option<InFlight> = None;
         let mut after_id = from.saturating_sub(1);
         let mut dispatched = 0;
-        // Jobs dispatched again because a push found their queue's Redis data lost.
-        let mut lost = 0;
+        let mut counts = Vec::new();
+        // Redis was too full to take more (`memory_gate`): the rest waits in Postgres.
+        let mut held = false;
+        // Held back before: look again before reading anything.
+        if redis_ok && cx.memory_gate.holding() {
+            let (allowed, say) = cx.memory_gate.allows(&mut cx.redis, &cx.keys, now);
+            held = !allowed;
+            counts.extend(say.map(|s| Count::new(1, Level::Warning, s)));
+        }
         // Read another batch only after a full one: a partial batch means the backlog is empty.
         let mut read_more = true;
         loop {
-            let read = (redis_ok && read_more && !shutdown_requested()).then_some(after_id);
+            let read =
+                (redis_ok && read_more && !held && !shutdown_requested()).then_some(after_id);
             let marking = std::mem::take(&mut to_mark);
             let opened = opening.take();
             let step = in_transaction(|client| Step::run(client, opened, marking, read, limit));
@@ -93,10 +104,18 @@ impl Dispatch {
                 redis_ok &= collect(cx, batch, &mut to_mark, &mut dispatched);
             }
             read_more = step.batch.len() == limit;
-            lost += step.requeued;
-            if let Some(last) = step.batch.last() {
+            // Redis may be too full to take the batch: asked only now, with no reply pending.
+            if !step.batch.is_empty() {
+                let (allowed, say) = cx
+                    .memory_gate
+                    .allows(&mut cx.redis, &cx.keys, Instant::now());
+                held = !allowed;
+                counts.extend(say.map(|s| Count::new(1, Level::Warning, s)));
+            }
+            if let Some(last) = step.batch.last().filter(|_| !held) {
                 after_id = last.id;
                 let keys = &cx.keys;
+                cx.memory_gate.pushed(&step.batch);
                 match cx
                     .redis
                     .run(|client| Ok(push::send(client, keys, &step.batch)))
@@ -118,22 +137,20 @@ impl Dispatch {
         // Drained: every queued job of an unpaused queue is in Redis now, except those that
         // commits publish from here on. Otherwise the next drain starts where this one did.
         cx.read_from
-            .drained(redis_ok && !shutdown_requested(), from);
-        // Jobs a lost queue held are `queued` again below where this drain read; the rest of
-        // what its master held is put back by `restore`.
-        if lost > 0 {
-            cx.read_from.rewind();
-            cx.restore_wanted = true;
-        }
+            .drained(redis_ok && !held && !shutdown_requested(), from);
+        self.held_until = held.then(|| Instant::now() + memory_gate::RECHECK);
         shared::publish_new_queues();
-        vec![
-            Count::new(dispatched, Level::Debug, "{n} jobs pushed to Redis"),
-            Count::new(
-                lost,
-                Level::Warning,
-                "Redis lost the data of a queue it served; dispatching {n} jobs again",
-            ),
-        ]
+        counts.push(Count::new(
+            dispatched,
+            Level::Debug,
+            "{n} jobs pushed to Redis",
+        ));
+        counts.extend(
+            cx.memory_gate
+                .episode_over(now)
+                .map(|s| Count::new(1, Level::Log, s)),
+        );
+        counts
     }
 }
 
@@ -151,8 +168,6 @@ struct Opening {
 struct Step {
     opening: Option<Opening>,
     batch: Vec<Job>,
-    /// Jobs of queues whose Redis data was lost, made `queued` again.
-    requeued: usize,
     /// Read once the backlog is empty: when the next waiting job falls due (None: none waits).
     next_due_in: Option<Option<Duration>>,
 }
@@ -172,32 +187,23 @@ impl Step {
             return Step {
                 opening,
                 batch: Vec::new(),
-                requeued: 0,
                 next_due_in: None,
             };
         }
-        let requeued: usize = acknowledged
-            .epoch_missing
-            .iter()
-            .map(|(queue, pushed)| redis_loss::requeue_lost_queue(client, queue, pushed))
-            .sum();
         push::mark_migrated(client, acknowledged);
         let also_from = opening.as_ref().and_then(|o| o.also_from);
-        let batch = match read {
+        let mut batch = match read {
             Some(after_id) => {
                 let after_id = also_from.map_or(after_id, |also| after_id.min(also - 1));
-                // A lost queue's older jobs are `queued` again: read them before anything newer,
-                // so that its list keeps its order from here on.
-                let after_id = if requeued > 0 { 0 } else { after_id };
                 push::read_batch(client, after_id, limit)
             }
             None => Vec::new(),
         };
+        push::number(client, &mut batch);
         let next_due_in = batch.is_empty().then(|| promote::next_due_in(client));
         Step {
             opening,
             batch,
-            requeued,
             next_due_in,
         }
     }
@@ -246,6 +252,7 @@ fn collect(
     *dispatched += pushed.ids.len();
     to_mark.ids.extend(pushed.ids);
     to_mark.seqs.extend(pushed.seqs);
-    to_mark.epoch_missing.extend(pushed.epoch_missing);
+    // A queue whose epoch key was gone: `redis_loss` looks at its lists in the next cycle.
+    cx.suspect_queues.extend(pushed.epoch_missing);
     !failed
 }

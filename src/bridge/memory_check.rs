@@ -104,7 +104,7 @@ impl MemoryCheck {
                 .map(|(addr, policy)| format!("{addr} ({policy})"))
                 .collect();
             warning!(
-                "queue_pg bridge: Redis may evict queue_pg's keys: maxmemory-policy is not noeviction at {}; an evicted list or counter can leave jobs waiting for messages that are gone. Set maxmemory-policy noeviction",
+                "queue_pg bridge: Redis may evict queue_pg's keys: maxmemory-policy is not noeviction at {}; jobs of an evicted list are dispatched again after queue.start_timeout (late, and some twice) and job hashes and dead letters go missing until they are put back. Set maxmemory-policy noeviction",
                 which.join(", ")
             );
         } else if self.evicting.is_some() {

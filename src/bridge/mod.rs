@@ -2,9 +2,9 @@
 //! keeps Redis following Postgres. One loop (`main_loop`) calls one duty per file:
 //!
 //! - `maintenance`: Postgres upkeep (outcome counts, expired leases, pruning).
-//! - `redis_loss`: a Redis that lost its data gets its jobs again.
+//! - `redis_loss`: a Redis that lost data gets its jobs again, at once.
 //! - `memory_check`: the periodic `queue.optimize_memory()`, a slice at a time.
-//! - `rescue`: jobs popped but never started are dispatched again.
+//! - `rescue`: jobs in no Redis list and not started within `start_timeout` are dispatched again.
 //! - `state_sync`: committed state changes reach the job hashes and the dead-letter list.
 //! - `dispatch`: queued jobs are pushed in pipelined batches, then marked `migrated`.
 //! - `restore`: after Redis lost data, dead-letter entries, markers and job hashes go back.
@@ -12,15 +12,20 @@
 //! Their helpers: `context` (what duties share: the Redis link, key names, the read position,
 //! transactions), `redis_link` (the connection and its backoff), `projection` (a job's hash and
 //! dead-letter entry from its row), `push` (the batch statements
-//! and Redis commands of dispatch), `promote` (due jobs become `queued`), `outcomes` (counts in
-//! `queue.stats`), `timer`, `report`. `shared` and `wake` are the shared-memory block and the
+//! and Redis commands of dispatch), `list_tails` (which jobs are still in their list, told by the
+//! list), `promote` (due jobs become `queued`), `outcomes` (counts in `queue.stats`), `timer`,
+//! `report`, `episode` (a repeating fault logged once), `memory_gate` (dispatch and restore hold
+//! back while Redis is nearly full). `shared` and `wake` are the shared-memory block and the
 //! commit-time wake-up that backends use.
 
 pub mod context;
 pub mod dispatch;
+pub mod episode;
+pub mod list_tails;
 pub mod main_loop;
 pub mod maintenance;
 pub mod memory_check;
+pub mod memory_gate;
 pub mod outcomes;
 pub mod projection;
 pub mod promote;

@@ -1,7 +1,12 @@
-//! Dispatch's statements and Redis commands: read a batch of queued jobs, push it to Redis (one
-//! MULTI/EXEC per queue, one round trip per node), and mark the jobs `migrated` only after Redis acknowledged (the loop
-//! around them is `dispatch`). The mark of one batch and the read of the next share a
-//! transaction; the bridge never waits for Redis inside a transaction.
+//! Dispatch's statements and Redis commands: read a batch of queued jobs and number it in push
+//! order, push it to Redis (one MULTI/EXEC per queue, one round trip per node), and mark the jobs
+//! `migrated` only after Redis acknowledged (the loop around them is `dispatch`). The mark of one
+//! batch and the read of the next share a transaction; the bridge never waits for Redis inside a
+//! transaction.
+//!
+//! Each message takes the next number of `queue.dispatch_order` (a job's `dispatch_seq`): lists
+//! are FIFO, so a list holds exactly the jobs pushed to it from its oldest entry on, which is how
+//! the bridge knows, from the list itself, which jobs are in it (`list_tails`).
 //!
 //! A crash between the push and the mark leaves the jobs `queued`, so they are pushed again:
 //! delivery is at-least-once, and `queue.start` lets only one worker hold a job.
@@ -14,7 +19,7 @@ use crate::redis::client::Sent;
 use crate::redis::wire::{self, JobHash, ListEntry};
 use crate::redis::{iso_utc, iso_utc_from_pg, Client, Group, Keys, Replies};
 use crate::spi_plans::types::{INT8, INT8_ARRAY};
-use crate::spi_plans::{self, required, with_plan};
+use crate::spi_plans::{self, first_value, required, with_plan};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::spi::SpiClient;
 use serde_json::value::RawValue;
@@ -29,16 +34,18 @@ pub struct Job {
     pub attempt_count: i32,
     pub max_attempts: i32,
     pub enqueued_at: String,
+    /// Its place in the push order ([`number`]).
+    pub seq: i64,
 }
 
-/// Jobs Redis acknowledged, with their position in their list.
+/// Jobs Redis acknowledged, with their place in the push order.
 #[derive(Default)]
 pub struct Pushed {
     pub ids: Vec<i64>,
     pub seqs: Vec<i64>,
-    /// Queues whose epoch key was missing at this push (cluster): Redis lost what it held of
-    /// them before. With the ids of this push, which are in Redis now.
-    pub epoch_missing: Vec<(String, Vec<i64>)>,
+    /// Queues whose epoch key was missing at this push (cluster), with the first number of the
+    /// push: Redis may have lost what it held of them before (`redis_loss` looks).
+    pub epoch_missing: Vec<(String, i64)>,
     /// Writes to Redis nodes it took.
     pub round_trips: u64,
 }
@@ -138,11 +145,38 @@ pub fn read_batch(client: &mut SpiClient<'_>, after_id: i64, limit: usize) -> Ve
                 enqueued_at: iso_utc_from_pg(
                     required::<TimestampWithTimeZone>(row.get(7), "created_at")?.into_inner(),
                 ),
+                seq: 0, // numbered by `number` once the batch is read
             })
         })
         .collect::<Result<Vec<_>, String>>()
     })
     .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: reading queued jobs failed: {e}"))
+}
+
+// Takes `$1` numbers of the push order at once (only the bridge draws from it): returns the last.
+static TAKE_NUMBERS: &str = "
+    SELECT pg_catalog.setval('queue.dispatch_order',
+                             pg_catalog.nextval('queue.dispatch_order') + $1 - 1)";
+
+/// Gives the jobs of a batch their places in the push order, in the batch's (id) order, which is
+/// the order they go into each list. Runs inside the caller's transaction.
+pub fn number(client: &mut SpiClient<'_>, batch: &mut [Job]) {
+    if batch.is_empty() {
+        return;
+    }
+    let args = [(batch.len() as i64).into()];
+    let last = with_plan(client, TAKE_NUMBERS, &[INT8], |client, plan| {
+        client
+            .update(plan, Some(1), &args)
+            .and_then(|t| first_value::<i64>(t, 1))
+    })
+    .map_err(|e| e.to_string())
+    .and_then(|v| v.ok_or_else(|| "no value".to_string()))
+    .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: numbering a batch failed: {e}"));
+    let first = last - batch.len() as i64 + 1;
+    for (job, seq) in batch.iter_mut().zip(first..) {
+        job.seq = seq;
+    }
 }
 
 /// The list entry workers pop. `attempt` is the attempt this delivery is for.
@@ -161,8 +195,8 @@ pub fn message(job: &Job) -> String {
 /// A batch sent to Redis whose replies have not been read yet.
 pub struct InFlight {
     sent: Sent,
-    /// Per queue group: the queue, and its lists' job ids in push order.
-    queues: Vec<(String, Vec<Vec<i64>>)>,
+    /// Per queue group: the queue, and its jobs' ids and places in the push order.
+    queues: Vec<(String, Vec<(i64, i64)>)>,
     /// Whether each queue group starts with its epoch check (cluster only).
     epochs: bool,
     round_trips: u64,
@@ -172,14 +206,14 @@ pub struct InFlight {
 type Lists<'a> = Vec<(Priority, Vec<&'a Job>)>;
 
 /// Sends `jobs` without waiting for the replies: per queue, one MULTI/EXEC in the queue's slot
-/// with, per list, one LPUSH of its messages in id order (so BRPOP takes the oldest first) and
-/// one INCRBY of its push counter; per job, its hash. The bridge reads the replies with
+/// with, per list, one LPUSH of its messages in push order (so BRPOP takes the oldest first); per
+/// job, its hash. The bridge reads the replies with
 /// [`receive`] after its next Postgres transaction, so Redis and Postgres work at the same time,
 /// and no transaction is open while the bridge waits for Redis.
 ///
 /// In a cluster each queue's MULTI also sets the queue's epoch key (`SET NX GET`), in the same
 /// step as the push: a queue whose key was missing lived on a master that lost its data, and
-/// its earlier jobs are dispatched again (`redis_loss`).
+/// `redis_loss` looks at once at what its lists hold.
 pub fn send(client: &mut Client, keys: &Keys, jobs: &[Job]) -> InFlight {
     let now = iso_utc(SystemTime::now());
     let epochs = client.is_cluster();
@@ -217,10 +251,6 @@ pub fn send(client: &mut Client, keys: &Keys, jobs: &[Job]) -> InFlight {
             for job in members {
                 lpush.arg(message(job));
             }
-            group
-                .cmd("INCRBY")
-                .arg(keys.pushed_counter(queue, *priority))
-                .arg(members.len());
         }
         groups.push(group);
     }
@@ -245,11 +275,11 @@ pub fn send(client: &mut Client, keys: &Keys, jobs: &[Job]) -> InFlight {
         queues: queues
             .iter()
             .map(|(q, lists)| {
-                let ids = lists
+                let jobs = lists
                     .iter()
-                    .map(|(_, members)| members.iter().map(|j| j.id).collect())
+                    .flat_map(|(_, members)| members.iter().map(|j| (j.id, j.seq)))
                     .collect();
-                (q.to_string(), ids)
+                (q.to_string(), jobs)
             })
             .collect(),
         epochs,
@@ -258,15 +288,8 @@ pub fn send(client: &mut Client, keys: &Keys, jobs: &[Job]) -> InFlight {
     }
 }
 
-/// The list positions of `n` messages pushed in one LPUSH, given the push counter after it:
-/// the oldest of them is at `counter - n + 1`, the newest at `counter`.
-fn positions(counter: i64, n: usize) -> impl Iterator<Item = i64> {
-    let first = counter - n as i64 + 1;
-    (0..n as i64).map(move |k| first + k)
-}
-
-/// Reads the replies of a sent batch: what Redis acknowledged, with each job's list position,
-/// and the first error (the jobs of a queue whose push failed stay `queued`).
+/// Reads the replies of a sent batch: what Redis acknowledged, and the first error (the jobs of
+/// a queue whose push failed stay `queued`).
 pub fn receive(client: &mut Client, batch: InFlight) -> (Pushed, Option<String>) {
     let before = client.round_trips();
     let mut replies = client.receive(batch.sent).into_iter();
@@ -275,16 +298,18 @@ pub fn receive(client: &mut Client, batch: InFlight) -> (Pushed, Option<String>)
         ..Pushed::default()
     };
     let mut error = None;
-    for (queue, lists) in batch.queues {
+    for (queue, jobs) in batch.queues {
         let reply = replies.next().unwrap_or_else(|| Err("no reply".into()));
-        match acknowledged(reply, &lists, batch.epochs) {
-            Ok((seqs, epoch_missing)) => {
-                let ids: Vec<i64> = lists.into_iter().flatten().collect();
+        match acknowledged(reply, batch.epochs) {
+            Ok(epoch_missing) => {
                 if epoch_missing {
-                    pushed.epoch_missing.push((queue, ids.clone()));
+                    let first = jobs.iter().map(|j| j.1).min().unwrap_or(i64::MAX);
+                    pushed.epoch_missing.push((queue, first));
                 }
-                pushed.seqs.extend(seqs);
-                pushed.ids.extend(ids);
+                for (id, seq) in jobs {
+                    pushed.ids.push(id);
+                    pushed.seqs.push(seq);
+                }
             }
             Err(e) => {
                 error.get_or_insert(format!("pushing to queue {queue}: {e}"));
@@ -300,30 +325,15 @@ pub fn receive(client: &mut Client, batch: InFlight) -> (Pushed, Option<String>)
     (pushed, error)
 }
 
-/// A queue group's EXEC replies: [the epoch's old value,] then per list LPUSH's and INCRBY's.
-fn acknowledged(
-    reply: Replies,
-    lists: &[Vec<i64>],
-    epochs: bool,
-) -> Result<(Vec<i64>, bool), String> {
-    use redis::Value;
+/// A queue group's EXEC replies, [the epoch's old value,] then one LPUSH reply per list: whether
+/// the epoch key was missing.
+fn acknowledged(reply: Replies, epochs: bool) -> Result<bool, String> {
     let values = reply?;
-    let (epoch_missing, rest) = match (epochs, values.split_first()) {
-        (false, _) => (false, values.as_slice()),
-        (true, Some((old, rest))) => (matches!(old, Value::Nil), rest),
-        (true, None) => return Err("an empty EXEC reply".into()),
-    };
-    if rest.len() != 2 * lists.len() {
-        return Err(format!("{} replies to {} lists", rest.len(), lists.len()));
+    match (epochs, values.first()) {
+        (false, _) => Ok(false),
+        (true, Some(old)) => Ok(matches!(old, redis::Value::Nil)),
+        (true, None) => Err("an empty EXEC reply".into()),
     }
-    let mut seqs = Vec::new();
-    for (ids, pair) in lists.iter().zip(rest.chunks(2)) {
-        let Value::Int(counter) = pair[1] else {
-            return Err(format!("unexpected INCRBY reply: {:?}", pair[1]));
-        };
-        seqs.extend(positions(counter, ids.len()));
-    }
-    Ok((seqs, epoch_missing))
 }
 
 #[cfg(test)]
@@ -340,17 +350,11 @@ mod tests {
             attempt_count: 2,
             max_attempts: 5,
             enqueued_at: "2026-11-30T12:00:00.000Z".into(),
+            seq: 1,
         };
         assert_eq!(
             message(&job),
             r#"{"id":42,"queue":"emails","priority":"normal","payload":{"to": "a@b.c"},"attempt":3,"max_attempts":5,"enqueued_at":"2026-11-30T12:00:00.000Z"}"#
         );
-    }
-
-    #[test]
-    fn positions_count_back_from_the_counter() {
-        assert_eq!(positions(10, 3).collect::<Vec<_>>(), vec![8, 9, 10]);
-        assert_eq!(positions(1, 1).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(positions(5, 0).count(), 0);
     }
 }

@@ -1,68 +1,50 @@
-//! Duty: notice that Redis lost its data (restarted without persistence, FLUSHALL, a failover to
-//! an empty replica, one master of a cluster coming back empty): an epoch key the bridge set is
-//! gone. Then every job that was in the lost part and that no worker started goes back to
-//! `queued`, and dispatch pushes it again. Checked on every new connection, before any other
-//! duty uses it, and once per poll interval.
+//! Duty: notice that Redis lost data (restarted without persistence, FLUSHALL, a failover to an
+//! empty replica, one master of a cluster coming back empty, keys evicted): an epoch key the
+//! bridge set is gone. Then at once, without waiting for `start_timeout`, every migrated job in
+//! no Redis list (`list_tails`) and not started is dispatched again, and the rest of what Redis
+//! held is put back by `restore`. A job still waiting in its list is left alone: an epoch key
+//! that was evicted on its own costs nothing but the look. Checked on every new connection,
+//! before any other duty uses it, and once per poll interval.
 //!
 //! One server has one epoch key, `queue_pg:bridge:epoch`. A cluster loses data per master, so
 //! there each queue has its own, `queue_pg:{<queue>}:epoch`, in the queue's slot: it moves with
 //! the slot when the cluster is resharded and is lost exactly when the queue's lists are. Every
 //! push to a queue also sets it, in the push's MULTI (`push`), so a loss is noticed at the first
-//! push after it even before this check runs. Either way the rest of what Redis held is put
-//! back by `restore`.
+//! push after it (`Context::suspect_queues`) even before this check runs.
 
 use super::context::{extension_ready, in_transaction, Context};
+use super::episode::Episode;
+use super::list_tails;
 use super::report::{Count, Level};
 use super::timer::Every;
-use crate::lifecycle::{queues_in_state, Sql};
 use crate::redis::{Client, Group};
 use crate::settings;
-use crate::spi_plans::types::{INT8_ARRAY, TEXT};
-use crate::spi_plans::{self, required};
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
 use std::time::Instant;
 
-// Skips rows a worker holds: the bridge never waits for a worker's transaction (and so is never
-// part of a deadlock); a skipped job is handled on a later pass.
-static REQUEUE_ALL_MIGRATED: Sql = Sql::new(
-    "
-    UPDATE queue.jobs SET status = {queued}, dispatch_seq = NULL, updated_at = now()
-    WHERE id IN (SELECT id FROM queue.jobs WHERE status = {migrated} FOR UPDATE SKIP LOCKED)",
-);
-
-// One queue's migrated jobs, except those of `$2` (just pushed, so in Redis).
-static REQUEUE_QUEUE_MIGRATED: Sql = Sql::new(
-    "
-    UPDATE queue.jobs SET status = {queued}, dispatch_seq = NULL, updated_at = now()
-    WHERE id IN (SELECT id FROM queue.jobs
-                 WHERE status = {migrated} AND queue_name = $1 AND id <> ALL($2)
-                 FOR UPDATE SKIP LOCKED)",
-);
-
-static MIGRATED_QUEUES: Sql = Sql::new(concat!(
-    "WITH RECURSIVE ",
-    queues_in_state!("{migrated}"),
-    " SELECT queue_name FROM names WHERE queue_name IS NOT NULL"
-));
+const LOST: &str = "Redis lost data (an epoch key of the bridge is gone); dispatching again {n} jobs that are in no Redis list (further losses in this episode are counted and summed up once there has been none for a minute)";
 
 #[derive(Default)]
 pub struct RedisLoss {
     every: Every,
+    episode: Episode,
 }
 
 impl RedisLoss {
     pub fn due(&self, cx: &Context, now: Instant) -> bool {
-        cx.redis.connected() && (cx.redis.fresh() || self.every.due(settings::poll_interval(), now))
+        cx.redis.connected()
+            && (cx.redis.fresh()
+                || !cx.suspect_queues.is_empty()
+                || self.every.due(settings::poll_interval(), now))
     }
 
     pub fn next_run(&self) -> Instant {
         self.every.next(settings::poll_interval())
     }
 
-    /// Looks for epoch keys that are gone, dispatches again what they stood for, and only then
-    /// sets them again: a bridge that dies in between finds them gone once more (and dispatches
-    /// again, which `start` and the attempt token make harmless), never a loss forgotten.
+    /// Looks for epoch keys that are gone, dispatches again what is in no list, and only then
+    /// sets them again: a bridge that dies in between finds them gone once more (and looks
+    /// again), never a loss forgotten.
     pub fn run(&mut self, cx: &mut Context, now: Instant) -> Vec<Count> {
         self.every.ran(now);
         let keys = &cx.keys;
@@ -71,48 +53,110 @@ impl RedisLoss {
         let epochs: Vec<(String, Option<String>)> = if !cx.redis.is_cluster() {
             vec![(keys.epoch(), None)]
         } else {
-            in_transaction(|client| extension_ready(client).then(|| migrated_queues(client)))
-                .into_iter()
-                .flatten()
-                .map(|q| (keys.queue_epoch(&q), Some(q)))
-                .collect()
+            in_transaction(|client| {
+                extension_ready(client).then(|| list_tails::migrated_lists(client, None))
+            })
+            .into_iter()
+            .flatten()
+            .map(|(q, _)| q)
+            .fold(Vec::<String>::new(), |mut qs, q| {
+                if qs.last() != Some(&q) {
+                    qs.push(q);
+                }
+                qs
+            })
+            .into_iter()
+            .map(|q| (keys.queue_epoch(&q), Some(q)))
+            .collect()
         };
         // Queues whose keys could be read count even if others' could not (their master is
         // down): the link fails, and the rest is looked at on its next connection.
         let missing = if epochs.is_empty() {
-            None
+            Some(Vec::new())
         } else {
             cx.redis
                 .run_partial(|client| missing_epochs(client, &epochs))
         };
         // This connection has been checked (or has failed and is gone).
         cx.redis.take_fresh();
-        let Some(missing) = missing.filter(|m| !m.is_empty()) else {
-            return Vec::new();
+        let mut counts = Vec::new();
+        let Some(missing) = missing else {
+            return counts; // Redis failed: looked at again on the next connection
         };
-        cx.restore_wanted = true;
-        let requeued = in_transaction(|client| {
-            if !extension_ready(client) {
-                return 0;
+        // What may be lost: everything (one server), or these queues' jobs numbered below a
+        // bound (a cluster: all of a queue whose epoch is gone; those pushed before the push
+        // that found it gone, which may be the queue's first).
+        let whole = missing.iter().any(|(_, q)| q.is_none());
+        let mut queues: Vec<(String, i64)> = missing
+            .iter()
+            .filter_map(|(_, q)| q.clone().map(|q| (q, i64::MAX)))
+            .collect();
+        queues.append(&mut cx.suspect_queues);
+        if whole || !queues.is_empty() {
+            cx.restore_wanted = true;
+            let scope = (!whole).then_some(queues.as_slice());
+            let Some(requeued) = dispatch_in_no_list(cx, scope) else {
+                // Redis failed meanwhile: the epoch keys stay unset, so the next look finds
+                // them gone again.
+                return counts;
+            };
+            if requeued > 0 {
+                cx.read_from.rewind();
             }
-            missing
-                .iter()
-                .map(|(_, queue)| match queue {
-                    None => requeue_all_migrated(client),
-                    Some(q) => requeue_lost_queue(client, q, &[]),
-                })
-                .sum()
-        });
-        if requeued > 0 {
-            cx.read_from.rewind();
+            cx.redis.run(|client| set_epochs(client, &missing));
+            // An epoch key missing while every job is in its list (a first start, or the key
+            // evicted on its own) lost nothing.
+            if requeued > 0 {
+                let first = self.episode.occurred(now, requeued as u64);
+                counts.push(Count::new(
+                    requeued,
+                    if first { Level::Warning } else { Level::Debug },
+                    LOST,
+                ));
+            }
         }
-        cx.redis.run(|client| set_epochs(client, &missing));
-        vec![Count::new(
-            requeued,
-            Level::Warning,
-            "Redis lost its data; dispatching {n} jobs again",
-        )]
+        if let Some(totals) = self.episode.end_if_quiet(now) {
+            counts.push(Count::new(1, Level::Log, totals.summary("Redis data loss")));
+        }
+        counts
     }
+}
+
+/// Dispatches again at once the migrated jobs that are in no Redis list: all, or those of
+/// `queues` numbered below each one's bound. Returns how many; None if Redis failed.
+fn dispatch_in_no_list(cx: &mut Context, queues: Option<&[(String, i64)]>) -> Option<usize> {
+    let names: Option<Vec<String>> =
+        queues.map(|q| q.iter().map(|(name, _)| name.clone()).collect());
+    let bound = |queue: &str| {
+        queues.map_or(i64::MAX, |q| {
+            q.iter()
+                .filter(|(name, _)| name == queue)
+                .map(|(_, b)| *b)
+                .min()
+                .unwrap_or(i64::MAX)
+        })
+    };
+    let lists = in_transaction(|client| {
+        extension_ready(client).then(|| list_tails::migrated_lists(client, names.as_deref()))
+    });
+    let Some(lists) = lists.filter(|l| !l.is_empty()) else {
+        return Some(0); // nothing migrated (or no extension yet): nothing to look for
+    };
+    let keys = &cx.keys;
+    let tails = cx
+        .redis
+        .run(|client| list_tails::read(client, keys, &lists))?;
+    Some(in_transaction(|client| {
+        let starts = list_tails::starts(client, &lists, &tails);
+        lists
+            .iter()
+            .zip(starts)
+            .filter_map(|(list, start)| {
+                let below = start?.min(bound(&list.0));
+                Some(list_tails::requeue_below(client, list, below))
+            })
+            .sum()
+    }))
 }
 
 /// The value the bridge gives an epoch key: who set it, and when.
@@ -165,41 +209,4 @@ fn set_epochs(client: &mut Client, epochs: &[(String, Option<String>)]) -> Resul
         })
         .collect();
     client.run_all(groups).map(|_| ())
-}
-
-/// The queues that have migrated jobs: a loose index scan, one probe per queue.
-fn migrated_queues(client: &mut SpiClient<'_>) -> Vec<String> {
-    client
-        .select(&*MIGRATED_QUEUES, None, &[])
-        .map_err(|e| e.to_string())
-        .and_then(|rows| {
-            rows.map(|r| required::<String>(r.get(1), "queue_name"))
-                .collect()
-        })
-        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: listing migrated queues failed: {e}"))
-}
-
-/// Every job Redis had and no worker started goes back to `queued`. Returns how many.
-fn requeue_all_migrated(client: &mut SpiClient<'_>) -> usize {
-    client
-        .update(&*REQUEUE_ALL_MIGRATED, None, &[])
-        .map(|t| t.len())
-        .unwrap_or_else(|e| pgrx::error!("queue_pg bridge: re-queueing migrated jobs failed: {e}"))
-}
-
-/// A queue's data was lost: its migrated jobs, except `pushed` (in Redis since the loss), go
-/// back to `queued`. Runs inside the caller's transaction; returns how many.
-pub fn requeue_lost_queue(client: &mut SpiClient<'_>, queue: &str, pushed: &[i64]) -> usize {
-    let args = [queue.into(), pushed.to_vec().into()];
-    spi_plans::update(
-        client,
-        &REQUEUE_QUEUE_MIGRATED,
-        &[TEXT, INT8_ARRAY],
-        None,
-        &args,
-    )
-    .map(|t| t.len())
-    .unwrap_or_else(|e| {
-        pgrx::error!("queue_pg bridge: re-queueing the jobs of queue {queue} failed: {e}")
-    })
 }

@@ -1,6 +1,7 @@
 //! What a duty did, as counts; the main loop logs them in one place.
 
 use pgrx::prelude::*;
+use std::borrow::Cow;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Level {
@@ -14,12 +15,16 @@ pub enum Level {
 pub struct Count {
     pub n: usize,
     pub level: Level,
-    pub message: &'static str,
+    pub message: Cow<'static, str>,
 }
 
 impl Count {
-    pub fn new(n: usize, level: Level, message: &'static str) -> Count {
-        Count { n, level, message }
+    pub fn new(n: usize, level: Level, message: impl Into<Cow<'static, str>>) -> Count {
+        Count {
+            n,
+            level,
+            message: message.into(),
+        }
     }
 
     fn text(&self) -> String {

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Jobs per batch.
 const BATCH: i64 = 500;
+/// About how many bytes of Redis memory a restored entry or hash takes.
+const RESTORED_BYTES: usize = 400;
 
 // Dead jobs within the dead-letter TTL ($1 s), newest first, after ($2, $3) in that order (from
 // the newest when $2 is NULL).
@@ -69,6 +71,9 @@ pub struct Restore {
     phase: Option<Phase>,
     /// The last batch failed on Redis: the next one waits for the bridge's next cycle.
     stalled: bool,
+    /// What this restore put back so far (dead-letter entries, job hashes): logged once, when
+    /// it is done.
+    restored: (usize, usize),
 }
 
 impl Restore {
@@ -92,8 +97,22 @@ impl Restore {
             shared::set_restoring(true);
         }
         let (mut entries, mut hashes) = (0, 0);
-        let keys = &cx.keys;
         self.stalled = false;
+        // A nearly full Redis takes nothing more: what it holds now matters more than what is
+        // put back (`memory_gate`). The batch waits for a later cycle.
+        if self.phase.is_some() {
+            let (allowed, say) = cx
+                .memory_gate
+                .allows(&mut cx.redis, &cx.keys, Instant::now());
+            if !allowed {
+                self.stalled = true;
+                return say
+                    .map(|s| Count::new(1, Level::Warning, s))
+                    .into_iter()
+                    .collect();
+            }
+        }
+        let keys = &cx.keys;
         match self.phase.take() {
             None => {}
             Some(Phase::DeadLetters(at, id)) => {
@@ -148,17 +167,22 @@ impl Restore {
             }
         }
         shared::add_restored(entries as u64, hashes as u64);
-        if self.phase.is_none() {
-            shared::set_restoring(false);
+        cx.memory_gate
+            .spent(((entries + hashes) * RESTORED_BYTES) as i64);
+        self.restored.0 += entries;
+        self.restored.1 += hashes;
+        if self.phase.is_some() {
+            return Vec::new();
         }
-        vec![
-            Count::new(
-                entries,
-                Level::Log,
-                "put {n} dead-letter entries back into Redis",
+        shared::set_restoring(false);
+        let (entries, hashes) = std::mem::take(&mut self.restored);
+        vec![Count::new(
+            1,
+            Level::Log,
+            format!(
+                "Redis restored: put back {entries} dead-letter entries and {hashes} job hashes"
             ),
-            Count::new(hashes, Level::Log, "put {n} job hashes back into Redis"),
-        ]
+        )]
     }
 }
 

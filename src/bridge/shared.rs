@@ -64,6 +64,33 @@ unsafe impl PGRXSharedMemory for ErrorText {}
 pub static LAST_ERROR: PgLwLock<ErrorText> =
     unsafe { PgLwLock::new(c"queue_pg_bridge_last_error") };
 
+/// How many queues [`Stranded`] names; the jobs of any further ones are summed in `more`.
+const STRANDED_QUEUES: usize = 32;
+
+/// Per queue, the migrated jobs the bridge found in no Redis list for longer than
+/// `queue.start_timeout` and could not dispatch again at its last rescue pass (another
+/// transaction held them). Normally empty: such jobs are dispatched again at once.
+#[derive(Clone, Copy)]
+pub struct Stranded {
+    n: usize,
+    queues: [([u8; 64], u8, i64); STRANDED_QUEUES],
+    more: i64,
+}
+
+impl Default for Stranded {
+    fn default() -> Self {
+        Stranded {
+            n: 0,
+            queues: [([0; 64], 0, 0); STRANDED_QUEUES],
+            more: 0,
+        }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Stranded {}
+
+pub static STRANDED: PgLwLock<Stranded> = unsafe { PgLwLock::new(c"queue_pg_bridge_stranded") };
+
 /// Set in the postmaster when the block is requested; every backend inherits it by fork.
 static IN_SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 
@@ -71,6 +98,7 @@ static IN_SHARED_MEMORY: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     pgrx::pg_shmem_init!(SHARED);
     pgrx::pg_shmem_init!(LAST_ERROR);
+    pgrx::pg_shmem_init!(STRANDED);
     IN_SHARED_MEMORY.store(true, Ordering::Relaxed);
 }
 
@@ -133,6 +161,7 @@ pub fn clear_bridge_process() {
         s.latch.store(0, Ordering::Release);
         s.pid.store(0, Ordering::Release);
         s.redis_connected.store(false, Ordering::Relaxed);
+        *STRANDED.exclusive() = Stranded::default();
     }
 }
 
@@ -255,6 +284,44 @@ pub fn record_error(message: &str) {
         text.bytes[..end].copy_from_slice(&message.as_bytes()[..end]);
         text.len = end;
     }
+}
+
+/// Called by the bridge after each rescue pass: (queue, jobs) for every queue with stranded jobs.
+pub fn publish_stranded(queues: &[(String, i64)]) {
+    if shared().is_none() {
+        return;
+    }
+    let mut table = Stranded::default();
+    for (queue, jobs) in queues {
+        let name = queue.as_bytes();
+        if table.n < STRANDED_QUEUES && name.len() <= 64 {
+            let entry = &mut table.queues[table.n];
+            entry.0[..name.len()].copy_from_slice(name);
+            entry.1 = name.len() as u8;
+            entry.2 = *jobs;
+            table.n += 1;
+        } else {
+            table.more += jobs;
+        }
+    }
+    *STRANDED.exclusive() = table;
+}
+
+/// What the bridge last published of stranded jobs: per queue, and those of queues it did not
+/// name. None when queue_pg was not preloaded.
+pub fn stranded() -> Option<(Vec<(String, i64)>, i64)> {
+    shared()?;
+    let table = *STRANDED.share();
+    let queues = table.queues[..table.n]
+        .iter()
+        .map(|(name, len, jobs)| {
+            (
+                String::from_utf8_lossy(&name[..*len as usize]).into_owned(),
+                *jobs,
+            )
+        })
+        .collect();
+    Some((queues, table.more))
 }
 
 /// What the bridge published, for monitoring.

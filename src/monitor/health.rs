@@ -32,12 +32,19 @@ fn health() -> JsonB {
     let names: Vec<String> = queues.iter().map(|q| q.queue.clone()).collect();
     let redis = probe(&names);
     let bridge = shared::status();
+    let stranded = shared::stranded();
     let applier = reports_shared::status();
     let reports = Reports {
         applier: applier.as_ref(),
         rejected: &rejected,
     };
-    JsonB(document(&queues, lag_ms, &redis, bridge.as_ref(), &reports))
+    JsonB(document(
+        &queues,
+        lag_ms,
+        &redis,
+        (bridge.as_ref(), stranded.as_ref()),
+        &reports,
+    ))
 }
 
 /// The whole document when the library cannot work with the SQL objects it finds (another
@@ -150,11 +157,14 @@ pub fn bridge_state(bridge: Option<&BridgeStatus>) -> BridgeState {
     }
 }
 
+/// What the bridge published of stranded jobs: per queue, and those of queues beyond its table.
+type StrandedJobs = (Vec<(String, i64)>, i64);
+
 fn document(
     queues: &[QueueFigures],
     lag_ms: i64,
     redis: &RedisProbe,
-    bridge: Option<&BridgeStatus>,
+    (bridge, stranded): (Option<&BridgeStatus>, Option<&StrandedJobs>),
     reports: &Reports<'_>,
 ) -> Value {
     let now = SystemTime::now();
@@ -178,6 +188,8 @@ fn document(
 
     let mut per_queue = Map::new();
     let mut oldest_report_ms = None::<i64>;
+    // Queues with jobs stranded outside Redis, for the reasons below.
+    let mut stranded_queues: Vec<(&str, i64)> = Vec::new();
     for (i, q) in queues.iter().enumerate() {
         // Unknown while Redis cannot be asked: null, not 0.
         let lists = redis.lists.get(i).copied();
@@ -194,7 +206,33 @@ fn document(
             figures.insert(state.as_str().into(), json!(n));
         }
         figures.insert("oldest_age_s".into(), json!(q.oldest_age_s));
+        // In Redis per Postgres, and how many of those no list holds: in a worker's hands
+        // (popped, not yet started or reported) or lost from Redis.
         figures.insert("migrated".into(), json!(q.migrated));
+        let listed = lists.map(|l| l.iter().sum::<i64>());
+        figures.insert(
+            "missing".into(),
+            json!(listed.map(|n| (q.migrated - n).max(0))),
+        );
+        // Missing for longer than start_timeout and not dispatched again (null: no bridge).
+        let stuck = stranded.map(|(named, _)| {
+            named
+                .iter()
+                .find(|(name, _)| *name == q.queue)
+                .map_or(0, |(_, n)| *n)
+        });
+        figures.insert("stranded".into(), json!(stuck));
+        if let Some(n) = stuck.filter(|n| *n > 0) {
+            stranded_queues.push((&q.queue, n));
+        }
+        figures.insert(
+            "status".into(),
+            json!(if stuck.unwrap_or(0) > 0 {
+                "degraded"
+            } else {
+                "healthy"
+            }),
+        );
         let stream = redis.reports.get(i);
         figures.insert("reports_waiting".into(), json!(stream.map(|s| s.waiting)));
         let oldest_report = stream.and_then(|s| s.oldest_age_ms);
@@ -230,6 +268,16 @@ fn document(
     for (addr, policy) in &redis.evicting {
         reasons.push(format!(
             "Redis at {addr} has maxmemory-policy {policy}: it may evict queue_pg's keys; use noeviction"
+        ));
+    }
+    for (queue, n) in &stranded_queues {
+        reasons.push(format!(
+            "queue {queue}: {n} jobs have been in no Redis list for longer than queue.start_timeout and are not dispatched again yet (another transaction holds them)"
+        ));
+    }
+    if let Some(more) = stranded.map(|s| s.1).filter(|n| *n > 0) {
+        reasons.push(format!(
+            "{more} more jobs of other queues have been in no Redis list for longer than queue.start_timeout"
         ));
     }
     if failed > 0 {

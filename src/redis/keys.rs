@@ -19,13 +19,6 @@ impl Keys {
         format!("{}:{{{}}}:{}", self.prefix, queue, priority)
     }
 
-    /// `queue_pg:{emails}:high:pushed`: how many messages the bridge ever pushed to that list.
-    /// Lists are FIFO, so `pushed - LLEN` messages have left it: the bridge's way to know which
-    /// jobs a worker has popped.
-    pub fn pushed_counter(&self, queue: &str, priority: Priority) -> String {
-        format!("{}:{{{}}}:{}:pushed", self.prefix, queue, priority)
-    }
-
     /// `queue_pg:{emails}:reports`: the stream workers report to (start, heartbeat, complete,
     /// fail); the report applier moves what they say into Postgres.
     pub fn reports(&self, queue: &str) -> String {

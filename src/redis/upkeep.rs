@@ -161,6 +161,39 @@ pub fn memory(client: &mut Client) -> Result<(i64, i64), String> {
     Ok((used, max))
 }
 
+/// A master's memory as `INFO memory` tells it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MasterMemory {
+    pub used: i64,
+    /// 0: no limit.
+    pub max: i64,
+    /// Its `maxmemory-policy` is not `noeviction`.
+    pub evicting: bool,
+}
+
+/// Every master's memory.
+pub fn memory_per_master(client: &mut Client) -> Result<Vec<MasterMemory>, String> {
+    client
+        .masters()
+        .into_iter()
+        .map(|addr| {
+            let mut info = redis::cmd("INFO");
+            info.arg("memory");
+            let info: String = client.query_node(&addr, info)?;
+            let (used, max) = parse_memory(&info)?;
+            let policy = info
+                .lines()
+                .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                .ok_or("Redis's INFO memory has no maxmemory_policy")?;
+            Ok(MasterMemory {
+                used,
+                max,
+                evicting: policy.trim() != "noeviction",
+            })
+        })
+        .collect()
+}
+
 /// The masters whose `maxmemory-policy` is not `noeviction`, with their policy.
 pub fn evicting_masters(client: &mut Client) -> Result<Vec<(String, String)>, String> {
     let mut evicting = Vec::new();
