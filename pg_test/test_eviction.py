@@ -98,7 +98,8 @@ def test_health_names_jobs_stranded_past_start_timeout_until_they_are_back(db, r
     finally:
         holder.rollback()
         holder.close()
-    wait_for(lambda: r.llen(list_key("stuck")) == 300, timeout=15, what="the jobs pushed again")
+    wait_for(lambda: r.llen(list_key("stuck")) == 300 and migrated(db, "stuck") == 300, timeout=15,
+             what="the jobs pushed again and marked")
     wait_for(lambda: health(db)["status"] == "healthy", timeout=10, what="health back to healthy")
     q = health(db)["queues"]["stuck"]
     assert (q["status"], q["migrated"], q["missing"], q["stranded"]) == ("healthy", 300, 0, 0), q
@@ -145,3 +146,23 @@ def test_allkeys_lru_4mb_30000_jobs_4_workers_all_complete_without_a_dispatch_st
           f"({dispatched / 30_000:.2f} per job)")
     assert evicted > 0, "Redis evicted nothing: the test did not put it under pressure"
     assert dispatched <= 2 * 30_000, f"a dispatch storm: {dispatched} dispatches for 30,000 jobs"
+
+
+def test_a_full_redis_keeps_jobs_in_postgres_until_it_has_room(db, r):
+    # noeviction (the default): over 90 % of maxmemory the bridge pushes nothing more, which
+    # keeps room for workers' reports; the jobs wait in Postgres, visibly.
+    used = r.info("memory")["used_memory"]
+    r.config_set("maxmemory", int(used / 0.95))
+    time.sleep(1.5)  # without a maxmemory the bridge looks once a second
+    try:
+        enqueue(db, "roomless", 200)
+        time.sleep(2)
+        queued = db.execute("SELECT count(*) FROM queue.jobs WHERE queue_name = 'roomless' "
+                            "AND status = 'queued'").fetchone()[0]
+        assert (queued, r.llen(list_key("roomless"))) == (200, 0)
+        log = open(os.path.join(ENV["QPG_HOME"], "postgres.log")).read()
+        assert "Redis has no room for more jobs" in log
+    finally:
+        r.config_set("maxmemory", 0)
+    wait_for(lambda: r.llen(list_key("roomless")) == 200, timeout=10, what="the jobs pushed once there is room")
+    assert migrated(db, "roomless") == 200

@@ -82,6 +82,8 @@ ALTER FUNCTION queue.metrics() SET max_parallel_workers_per_gather = 0;
 -- The bridge numbers its pushes from one sequence instead of a counter per list kept in Redis
 -- (which Redis can lose). Numbers continue above every position 0.1.0 gave, so each list's
 -- jobs stay in push order; 0.1.0's `queue_pg:{<queue>}:<priority>:pushed` keys are unused now.
+-- (A 0.1.0 counter that Redis had lost and restarted gave lower numbers to newer jobs: the jobs
+-- such a list holds may then be pushed once more after queue.start_timeout; `start` drops them.)
 CREATE SEQUENCE queue.dispatch_order;
 SELECT pg_catalog.setval('queue.dispatch_order', max(dispatch_seq)) FROM queue.jobs WHERE dispatch_seq > 0;
 SELECT pg_catalog.pg_extension_config_dump('queue.dispatch_order', '');

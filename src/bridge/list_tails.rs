@@ -120,9 +120,9 @@ pub fn read(client: &mut Client, keys: &Keys, lists: &[List]) -> Result<Tails, S
         .run_all(groups)?
         .into_iter()
         .map(|replies| {
+            let reply = replies.into_iter().next().ok_or("LRANGE: no reply")?;
             let entries: Vec<Vec<u8>> =
-                redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
-                    .map_err(|e| e.to_string())?;
+                redis::from_redis_value(reply).map_err(|e| e.to_string())?;
             Ok(deliveries(&entries))
         })
         .collect::<Result<_, String>>()?;

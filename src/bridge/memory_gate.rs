@@ -4,12 +4,16 @@
 //!
 //! Room means, with `noeviction`, memory below [`HOLD_AT`] of `maxmemory` on every master. Under
 //! an eviction policy Redis stays full of keys it may evict (job hashes of finished jobs), so
-//! there what counts is what the ready lists hold: they may fill [`LISTS_AT`] of the smallest
-//! master's `maxmemory`, the rest being left to everything else. The gate looks, then lets
+//! there what counts is what the ready lists hold: they may fill [`LISTS_AT`] of the masters'
+//! `maxmemory` (added up in a cluster: lists crowded on one master may still make it evict, which
+//! costs a second push, never a job), the rest being left to everything else. A Redis filled by
+//! lists nobody pops holds every queue back: the lists are what Redis is full of. The gate looks, then lets
 //! through about half of the room it found before it looks again, so a fast drain cannot
 //! overshoot between two looks; with no `maxmemory` set it looks once a second.
 
+use super::context::{extension_ready, in_transaction};
 use super::episode::Episode;
+use super::list_tails;
 use super::push::Job;
 use super::redis_link::RedisLink;
 use crate::lifecycle::Priority;
@@ -36,6 +40,8 @@ pub struct MemoryGate {
     queues: BTreeSet<String>,
     /// About how many bytes one pushed job takes (its message and hash), from what was pushed.
     job_bytes: Option<i64>,
+    /// `queues` holds the queues with jobs in Redis from before this bridge started, too.
+    seeded: bool,
     episode: Episode,
 }
 
@@ -44,9 +50,9 @@ pub struct MemoryGate {
 fn room(masters: &[MasterMemory], listed: Option<(i64, i64)>) -> Option<i64> {
     let limited = masters.iter().filter(|m| m.max > 0);
     if masters.iter().any(|m| m.max > 0 && m.evicting) {
-        let smallest = limited.map(|m| m.max).min()?;
+        let capacity: i64 = limited.map(|m| m.max).sum();
         let (jobs, each) = listed.unwrap_or((0, 0));
-        return Some((smallest as f64 * LISTS_AT) as i64 - jobs * each);
+        return Some((capacity as f64 * LISTS_AT) as i64 - jobs * each);
     }
     limited
         .map(|m| (m.max as f64 * HOLD_AT) as i64 - m.used)
@@ -79,11 +85,14 @@ impl MemoryGate {
             return (true, None);
         };
         let listed = if masters.iter().any(|m| m.max > 0 && m.evicting) {
+            if !self.seeded {
+                self.seed();
+            }
             let queues = &self.queues;
             let Some(jobs) = redis.run(|client| listed_jobs(client, keys, queues)) else {
                 return (true, None);
             };
-            Some((jobs, self.job_bytes.unwrap_or(0)))
+            Some((jobs, self.job_bytes.unwrap_or(OVERHEAD)))
         } else {
             None
         };
@@ -93,7 +102,8 @@ impl MemoryGate {
         self.held = room.is_some_and(|r| r <= 0);
         self.budget = room.map(|r| r / 2);
         let mut say = None;
-        if self.held && !was_held && self.episode.occurred(now, 0) {
+        // Every look that holds back is part of the episode, so it ends a minute after the last.
+        if self.held && self.episode.occurred(now, 0) && !was_held {
             say = Some(
                 "Redis has no room for more jobs (see the memory figures of queue.health()); jobs wait in Postgres until workers take what Redis holds"
                     .to_string(),
@@ -133,14 +143,27 @@ impl MemoryGate {
         self.held
     }
 
-    /// The end of an episode of holding back, once it has been over for a minute.
+    /// The end of an episode of holding back, a minute after it last held back.
     pub fn episode_over(&mut self, now: Instant) -> Option<String> {
+        if self.held {
+            return None;
+        }
         let totals = self.episode.end_if_quiet(now)?;
         Some(format!(
-            "Redis had room again: dispatch held back {} times in {} s",
-            totals.occurrences,
+            "Redis has had room for a minute; dispatch held back at times over {} s before",
             totals.last.duration_since(totals.since).as_secs()
         ))
+    }
+
+    /// The queues with jobs in Redis already (this bridge pushed nothing yet, or little).
+    fn seed(&mut self) {
+        let lists = in_transaction(|client| {
+            extension_ready(client).then(|| list_tails::migrated_lists(client, None))
+        });
+        if let Some(lists) = lists {
+            self.queues.extend(lists.into_iter().map(|(q, _)| q));
+            self.seeded = true;
+        }
     }
 }
 
@@ -200,7 +223,10 @@ mod tests {
         // Redis is full of keys it may evict; the lists hold 100 jobs of 1 kB.
         let full = [m(4_000_000, 4_000_000, true)];
         assert_eq!(room(&full, Some((100, 1000))), Some(1_900_000));
-        assert_eq!(room(&full, Some((2_000, 1000))), Some(-0));
+        assert_eq!(room(&full, Some((2_000, 1000))), Some(0));
         assert!(room(&full, Some((3_000, 1000))).unwrap() < 0);
+        // A cluster's lists may fill half of all its masters.
+        let cluster = [m(4_000_000, 4_000_000, true), m(1, 2_000_000, true)];
+        assert_eq!(room(&cluster, Some((2_000, 1000))), Some(1_000_000));
     }
 }

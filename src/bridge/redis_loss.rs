@@ -87,17 +87,19 @@ impl RedisLoss {
         // bound (a cluster: all of a queue whose epoch is gone; those pushed before the push
         // that found it gone, which may be the queue's first).
         let whole = missing.iter().any(|(_, q)| q.is_none());
+        let suspects = std::mem::take(&mut cx.suspect_queues);
         let mut queues: Vec<(String, i64)> = missing
             .iter()
             .filter_map(|(_, q)| q.clone().map(|q| (q, i64::MAX)))
             .collect();
-        queues.append(&mut cx.suspect_queues);
+        queues.extend(suspects.iter().cloned());
         if whole || !queues.is_empty() {
             cx.restore_wanted = true;
             let scope = (!whole).then_some(queues.as_slice());
             let Some(requeued) = dispatch_in_no_list(cx, scope) else {
                 // Redis failed meanwhile: the epoch keys stay unset, so the next look finds
-                // them gone again.
+                // them gone again; the suspects (whose keys their push did set) are kept.
+                cx.suspect_queues = suspects;
                 return counts;
             };
             if requeued > 0 {
@@ -123,7 +125,9 @@ impl RedisLoss {
 }
 
 /// Dispatches again at once the migrated jobs that are in no Redis list: all, or those of
-/// `queues` numbered below each one's bound. Returns how many; None if Redis failed.
+/// `queues` numbered below each one's bound (the highest given: a key missing now bounds
+/// nothing, and a later push that found it gone again bounds less). Returns how many; None if
+/// Redis failed.
 fn dispatch_in_no_list(cx: &mut Context, queues: Option<&[(String, i64)]>) -> Option<usize> {
     let names: Option<Vec<String>> =
         queues.map(|q| q.iter().map(|(name, _)| name.clone()).collect());
@@ -132,7 +136,7 @@ fn dispatch_in_no_list(cx: &mut Context, queues: Option<&[(String, i64)]>) -> Op
             q.iter()
                 .filter(|(name, _)| name == queue)
                 .map(|(_, b)| *b)
-                .min()
+                .max()
                 .unwrap_or(i64::MAX)
         })
     };
