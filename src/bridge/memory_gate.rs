@@ -7,9 +7,11 @@
 //! there what counts is what the ready lists hold: they may fill [`LISTS_AT`] of the masters'
 //! `maxmemory` (added up in a cluster: lists crowded on one master may still make it evict, which
 //! costs a second push, never a job), the rest being left to everything else. A Redis filled by
-//! lists nobody pops holds every queue back: the lists are what Redis is full of. The gate looks, then lets
-//! through about half of the room it found before it looks again, so a fast drain cannot
-//! overshoot between two looks; with no `maxmemory` set it looks once a second.
+//! lists nobody pops holds every queue back: the lists are what Redis is full of.
+//!
+//! The gate looks, then lets through about half of the room it found before it looks again, so
+//! a fast drain cannot overshoot between two looks; with no `maxmemory` set it looks once a
+//! second.
 
 use super::context::{extension_ready, in_transaction};
 use super::episode::Episode;
@@ -45,8 +47,9 @@ pub struct MemoryGate {
     episode: Episode,
 }
 
-/// Bytes of room left on the fullest master, given `listed` (jobs waiting in the ready lists
-/// and what each takes); None when no master has a `maxmemory`.
+/// Bytes of room left: on the fullest master (`noeviction`), or for the ready lists, given
+/// `listed` (jobs waiting in them and what each takes; an eviction policy). None when no master
+/// has a `maxmemory`.
 fn room(masters: &[MasterMemory], listed: Option<(i64, i64)>) -> Option<i64> {
     let limited = masters.iter().filter(|m| m.max > 0);
     if masters.iter().any(|m| m.max > 0 && m.evicting) {

@@ -94,7 +94,6 @@ impl RedisLoss {
             .collect();
         queues.extend(suspects.iter().cloned());
         if whole || !queues.is_empty() {
-            cx.restore_wanted = true;
             let scope = (!whole).then_some(queues.as_slice());
             let Some(requeued) = dispatch_in_no_list(cx, scope) else {
                 // Redis failed meanwhile: the epoch keys stay unset, so the next look finds
@@ -104,6 +103,11 @@ impl RedisLoss {
             };
             if requeued > 0 {
                 cx.read_from.rewind();
+            }
+            // The rest of what Redis held goes back too; not after a queue's first push only
+            // (its epoch key was missing because it had never been set).
+            if !missing.is_empty() || requeued > 0 {
+                cx.restore_wanted = true;
             }
             cx.redis.run(|client| set_epochs(client, &missing));
             // An epoch key missing while every job is in its list (a first start, or the key
