@@ -164,5 +164,5 @@ def test_a_full_redis_keeps_jobs_in_postgres_until_it_has_room(db, r):
         assert "Redis has no room for more jobs" in log
     finally:
         r.config_set("maxmemory", 0)
-    wait_for(lambda: r.llen(list_key("roomless")) == 200, timeout=10, what="the jobs pushed once there is room")
-    assert migrated(db, "roomless") == 200
+    wait_for(lambda: r.llen(list_key("roomless")) == 200 and migrated(db, "roomless") == 200, timeout=10,
+             what="the jobs pushed and marked once there is room")
