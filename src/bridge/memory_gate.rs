@@ -52,7 +52,7 @@ pub struct MemoryGate {
 /// has a `maxmemory`.
 fn room(masters: &[MasterMemory], listed: Option<(i64, i64)>) -> Option<i64> {
     let limited = masters.iter().filter(|m| m.max > 0);
-    if masters.iter().any(|m| m.max > 0 && m.evicting) {
+    if masters.iter().any(|m| m.max > 0 && m.evicting()) {
         let capacity: i64 = limited.map(|m| m.max).sum();
         let (jobs, each) = listed.unwrap_or((0, 0));
         return Some((capacity as f64 * LISTS_AT) as i64 - jobs * each);
@@ -87,7 +87,7 @@ impl MemoryGate {
         let Some(masters) = redis.run(upkeep::memory_per_master) else {
             return (true, None);
         };
-        let listed = if masters.iter().any(|m| m.max > 0 && m.evicting) {
+        let listed = if masters.iter().any(|m| m.max > 0 && m.evicting()) {
             if !self.seeded {
                 self.seed();
             }
@@ -201,9 +201,15 @@ mod tests {
 
     fn m(used: i64, max: i64, evicting: bool) -> MasterMemory {
         MasterMemory {
+            addr: "127.0.0.1:6379".into(),
             used,
             max,
-            evicting,
+            policy: if evicting {
+                "allkeys-lru"
+            } else {
+                "noeviction"
+            }
+            .into(),
         }
     }
 

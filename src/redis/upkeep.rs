@@ -150,28 +150,29 @@ fn glob_escape(s: &str) -> String {
 
 /// Redis's `used_memory` and `maxmemory` (0: no limit), summed over the masters.
 pub fn memory(client: &mut Client) -> Result<(i64, i64), String> {
-    let (mut used, mut max) = (0, 0);
-    for addr in client.masters() {
-        let mut info = redis::cmd("INFO");
-        info.arg("memory");
-        let (u, m) = parse_memory(&client.query_node::<String>(&addr, info)?)?;
-        used += u;
-        max += m;
-    }
-    Ok((used, max))
+    Ok(memory_per_master(client)?
+        .iter()
+        .fold((0, 0), |(used, max), m| (used + m.used, max + m.max)))
 }
 
 /// A master's memory as `INFO memory` tells it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MasterMemory {
+    pub addr: String,
     pub used: i64,
     /// 0: no limit.
     pub max: i64,
-    /// Its `maxmemory-policy` is not `noeviction`.
-    pub evicting: bool,
+    pub policy: String,
 }
 
-/// Every master's memory.
+impl MasterMemory {
+    /// Its `maxmemory-policy` is not `noeviction`: it may evict keys when full.
+    pub fn evicting(&self) -> bool {
+        self.policy != "noeviction"
+    }
+}
+
+/// Every master's memory: one `INFO memory` per master.
 pub fn memory_per_master(client: &mut Client) -> Result<Vec<MasterMemory>, String> {
     client
         .masters()
@@ -184,11 +185,13 @@ pub fn memory_per_master(client: &mut Client) -> Result<Vec<MasterMemory>, Strin
             let policy = info
                 .lines()
                 .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                .map(|p| p.trim().to_owned())
                 .ok_or("Redis's INFO memory has no maxmemory_policy")?;
             Ok(MasterMemory {
+                addr,
                 used,
                 max,
-                evicting: policy.trim() != "noeviction",
+                policy,
             })
         })
         .collect()
@@ -196,21 +199,11 @@ pub fn memory_per_master(client: &mut Client) -> Result<Vec<MasterMemory>, Strin
 
 /// The masters whose `maxmemory-policy` is not `noeviction`, with their policy.
 pub fn evicting_masters(client: &mut Client) -> Result<Vec<(String, String)>, String> {
-    let mut evicting = Vec::new();
-    for addr in client.masters() {
-        let mut info = redis::cmd("INFO");
-        info.arg("memory");
-        let info: String = client.query_node(&addr, info)?;
-        let policy = info
-            .lines()
-            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-            .map(|p| p.trim().to_owned())
-            .ok_or("Redis's INFO memory has no maxmemory_policy")?;
-        if policy != "noeviction" {
-            evicting.push((addr, policy));
-        }
-    }
-    Ok(evicting)
+    Ok(memory_per_master(client)?
+        .into_iter()
+        .filter(MasterMemory::evicting)
+        .map(|m| (m.addr, m.policy))
+        .collect())
 }
 
 /// `used_memory` and `maxmemory` of the node serving `key`.
