@@ -11,7 +11,7 @@
     with openssl), against the plain drain of the same run.
 (f) Redis Cluster: a drain of 100,000 jobs over 50 queues and the commit-to-Redis latency at
     1,000 jobs/s, against a three-master Redis Cluster (scripts/redis_cluster.sh, ports
-    55530-55532) and against the single redis-server, side by side in the same run.
+    15530-15532) and against the single redis-server, side by side in the same run.
 (e) monitoring: health(), metrics() and prometheus() latency with 100 queues and 1,000,000 rows
     in queue.jobs (95 % completed over the last day, 2 % dead, 3 % live), against the naive way
     to get the same counts (GROUP BY queue, status over queue.jobs) and against `SELECT 1`.
@@ -251,7 +251,7 @@ def drain_backlog(conn, r, n):
     return n / bridge_s
 
 
-CLUSTER_BASE = 55530
+CLUSTER_BASE = 15530
 CLUSTER_QUEUES = [f"d{i}" for i in range(50)]
 
 

@@ -8,12 +8,12 @@
 #   bench/run.sh --only drain    # one of: enqueue, latency, drain, cluster, monitoring
 #                                # (skips the lifecycle part)
 #
-# Uses its own throwaway cluster and Redis (ports 55462 / 56409, a Redis Cluster on 55530-55532),
+# Uses its own throwaway cluster and Redis (ports 15462 / 16409, a Redis Cluster on 15530-15532),
 # stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export QPG_HOME=${QPG_BENCH_HOME:-/tmp/queue_pg_bench} QPG_PGPORT=${QPG_BENCH_PGPORT:-55462} QPG_REDIS_PORT=${QPG_BENCH_REDIS_PORT:-56409}
+export QPG_HOME=${QPG_BENCH_HOME:-/tmp/queue_pg_bench} QPG_PGPORT=${QPG_BENCH_PGPORT:-15462} QPG_REDIS_PORT=${QPG_BENCH_REDIS_PORT:-16409}
 
 scripts/setup.sh
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import psycopg, redis" 2>/dev/null; then

@@ -19,8 +19,8 @@ STACK = ROOT / "scripts" / "stack.sh"
 ENV = dict(
     os.environ,
     QPG_HOME=os.environ.get("QPG_TEST_HOME", "/tmp/queue_pg_test"),
-    QPG_PGPORT=os.environ.get("QPG_TEST_PGPORT", "55442"),
-    QPG_REDIS_PORT=os.environ.get("QPG_TEST_REDIS_PORT", "56389"),
+    QPG_PGPORT=os.environ.get("QPG_TEST_PGPORT", "15442"),
+    QPG_REDIS_PORT=os.environ.get("QPG_TEST_REDIS_PORT", "16389"),
     # test_schema measures the statements the bridge runs.
     QPG_EXTRA_PRELOAD="pg_stat_statements",
 )

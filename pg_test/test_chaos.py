@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "bench" / "chaos"))
 import chaos  # noqa: E402
 
 # Its own stack: the soak crashes Postgres and changes settings.
-ENV = dict(QPG_HOME="/tmp/queue_pg_test_chaos", QPG_PGPORT="55482", QPG_REDIS_PORT="56429")
+ENV = dict(QPG_HOME="/tmp/queue_pg_test_chaos", QPG_PGPORT="15482", QPG_REDIS_PORT="16429")
 
 
 @pytest.mark.parametrize("worker_path", ["fast", "sql"])

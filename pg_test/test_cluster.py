@@ -27,8 +27,8 @@ from redis.cluster import RedisCluster
 from conftest import ENV, PREFIX, dsn, list_key, set_config, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-# Node ports must be 55535 or lower: the cluster bus listens on port + 10000.
-BASE = int(os.environ.get("QPG_TEST_CLUSTER_PORT", "55520"))
+# The cluster bus listens on port + 10000; both stay below Linux's ephemeral ports (32768 on).
+BASE = int(os.environ.get("QPG_TEST_CLUSTER_PORT", "15520"))
 PORTS = [BASE, BASE + 1, BASE + 2]
 DIR = Path(ENV["QPG_HOME"]) / "cluster"
 SEEDS = f"redis://127.0.0.1:{BASE},redis://127.0.0.1:{BASE + 1}"

@@ -144,10 +144,13 @@ def test_example_workers_ride_out_postgres_and_redis_restarts(db, lang, path):
     """Postgres stopped (immediate) for 5 s and started, then Redis stopped for 5 s and started,
     while the worker works through 500 jobs: it never exits, every job ends completed, and its
     log says once per outage that a server went away and once that it is back."""
-    from conftest import reconnect_after_restart, stack
+    from conftest import reconnect_after_restart, set_config, stack
 
     command = build(lang)
     queue = f"outage_{lang}_{path}"
+    # A start that commits as Postgres is killed never answers: the worker's retry finds the job
+    # held (by its own lost call) and drops it, and the job comes back when that lease expires.
+    set_config(db, lease="15s")
     db.execute("SELECT count(*) FROM queue.enqueue_many(%s, (SELECT jsonb_agg(jsonb_build_object('sleep', 0.02))"
                " FROM generate_series(1, 500)))", (queue,))
     env = dict(os.environ,

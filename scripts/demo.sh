@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
-export QPG_HOME=${QPG_HOME:-/tmp/queue_pg_demo} QPG_PGPORT=${QPG_PGPORT:-55452} QPG_REDIS_PORT=${QPG_REDIS_PORT:-56399}
+export QPG_HOME=${QPG_HOME:-/tmp/queue_pg_demo} QPG_PGPORT=${QPG_PGPORT:-15452} QPG_REDIS_PORT=${QPG_REDIS_PORT:-16399}
 scripts/stack.sh up
 if [ -z "${QPG_KEEP:-}" ]; then trap 'scripts/stack.sh down' EXIT; fi
 

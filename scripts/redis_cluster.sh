@@ -6,7 +6,8 @@
 #   scripts/redis_cluster.sh start-node DIR PORT    # start one node again (after it was killed)
 #   scripts/redis_cluster.sh down DIR               # stop every node
 #
-# The cluster bus listens on port + 10000, so node ports must be 55535 or lower.
+# The cluster bus listens on port + 10000, so node ports must be 55535 or lower; keep both the
+# node and the bus ports below 32768 (see scripts/stack.sh), i.e. node ports below 22768.
 set -euo pipefail
 
 cmd=${1:?usage: redis_cluster.sh up|start-node|down DIR ...}

@@ -12,14 +12,17 @@
 #   scripts/stack.sh env           # the settings below, for `eval`
 #   scripts/stack.sh redis-url     # the Redis URL the extension uses
 #
-# Settings (environment): QPG_HOME (default /tmp/queue_pg), QPG_PGPORT (55432),
-# QPG_REDIS_PORT (56379), QPG_REDIS_PASSWORD (none), QPG_EXTRA_PRELOAD (none; more libraries for
+# Settings (environment): QPG_HOME (default /tmp/queue_pg), QPG_PGPORT (15432),
+# QPG_REDIS_PORT (16379), QPG_REDIS_PASSWORD (none), QPG_EXTRA_PRELOAD (none; more libraries for
 # shared_preload_libraries, e.g. pg_stat_statements, which the tests use to measure the bridge).
+# Every port the scripts use is below 32768, outside Linux's ephemeral range (32768-60999): a
+# server restarted on an ephemeral port can find it taken by some client's outgoing connection
+# and fail with "Address already in use".
 set -euo pipefail
 
 QPG_HOME=${QPG_HOME:-/tmp/queue_pg}
-QPG_PGPORT=${QPG_PGPORT:-55432}
-QPG_REDIS_PORT=${QPG_REDIS_PORT:-56379}
+QPG_PGPORT=${QPG_PGPORT:-15432}
+QPG_REDIS_PORT=${QPG_REDIS_PORT:-16379}
 QPG_REDIS_PASSWORD=${QPG_REDIS_PASSWORD:-}
 QPG_EXTRA_PRELOAD=${QPG_EXTRA_PRELOAD:-}
 BIN=/usr/lib/postgresql/15/bin

@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export QPG_TEST_HOME=${QPG_TEST_HOME:-/tmp/queue_pg_test}
-export QPG_TEST_PGPORT=${QPG_TEST_PGPORT:-55442}
-export QPG_TEST_REDIS_PORT=${QPG_TEST_REDIS_PORT:-56389}
+export QPG_TEST_PGPORT=${QPG_TEST_PGPORT:-15442}
+export QPG_TEST_REDIS_PORT=${QPG_TEST_REDIS_PORT:-16389}
 
 scripts/setup.sh
 
