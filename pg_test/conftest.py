@@ -195,6 +195,7 @@ def clean_state(request, stack_up):
     except (redis_py.ConnectionError, redis_py.AuthenticationError, redis_py.ResponseError):
         stack("redis-stop")
         stack("redis-start")
+    stack("pg-ensure")  # a test that failed between pg-kill and pg-start left it stopped
     db = reconnect_after_restart()
     db.execute("ALTER SYSTEM RESET ALL")
     db.execute("SELECT pg_reload_conf()")

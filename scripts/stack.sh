@@ -8,6 +8,7 @@
 #   scripts/stack.sh pg-stop       # stop PostgreSQL (fast shutdown)
 #   scripts/stack.sh pg-kill       # stop PostgreSQL as a crash would (immediate shutdown)
 #   scripts/stack.sh pg-start      # start PostgreSQL again
+#   scripts/stack.sh pg-ensure     # start PostgreSQL unless it is running
 #   scripts/stack.sh psql [args]   # psql into the cluster
 #   scripts/stack.sh env           # the settings below, for `eval`
 #   scripts/stack.sh redis-url     # the Redis URL the extension uses
@@ -112,6 +113,7 @@ CONF
     echo "postgres: port $QPG_PGPORT (psql -h $QPG_HOME -p $QPG_PGPORT -U postgres), redis: port $QPG_REDIS_PORT"
 }
 
+pg_start() { as_postgres "$BIN/pg_ctl" -D "$PGDATA" -l "$QPG_HOME/postgres.log" -w -t 120 start >/dev/null; }
 psql_() { psql -h "$QPG_HOME" -p "$QPG_PGPORT" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
 
 case "${1:-}" in
@@ -121,10 +123,11 @@ case "${1:-}" in
     redis-start) redis_start ;;
     pg-stop) as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m fast -w -t 60 stop >/dev/null ;;
     pg-kill) as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null ;;
-    pg-start) as_postgres "$BIN/pg_ctl" -D "$PGDATA" -l "$QPG_HOME/postgres.log" -w -t 120 start >/dev/null ;;
+    pg-start) pg_start ;;
+    pg-ensure) as_postgres "$BIN/pg_ctl" -D "$PGDATA" status >/dev/null || pg_start ;;
     redis-cli) shift; redis_cli "$@" ;;
     psql) shift; psql_ "$@" ;;
     env) echo "QPG_HOME=$QPG_HOME QPG_PGPORT=$QPG_PGPORT QPG_REDIS_PORT=$QPG_REDIS_PORT" ;;
     redis-url) redis_url ;;
-    *) sed -n '2,18p' "$0"; exit 2 ;;
+    *) sed -n '2,21p' "$0"; exit 2 ;;
 esac
