@@ -77,6 +77,8 @@ redis_stop() {
     return 1
 }
 
+pg_start() { as_postgres "$BIN/pg_ctl" -D "$PGDATA" -l "$QPG_HOME/postgres.log" -w -t 120 start >/dev/null; }
+
 pg_stop() {
     if [ -f "$PGDATA/postmaster.pid" ]; then
         as_postgres "$BIN/pg_ctl" -D "$PGDATA" -m fast -w -t 30 stop >/dev/null 2>&1 ||
@@ -108,12 +110,11 @@ CONF
         *pg_stat_statements*) echo "pg_stat_statements.track = all" >>"$PGDATA/postgresql.conf" ;;
     esac
     redis_start
-    as_postgres "$BIN/pg_ctl" -D "$PGDATA" -l "$QPG_HOME/postgres.log" -w start >/dev/null
+    pg_start
     psql_ -q -c "CREATE EXTENSION IF NOT EXISTS queue_pg"
     echo "postgres: port $QPG_PGPORT (psql -h $QPG_HOME -p $QPG_PGPORT -U postgres), redis: port $QPG_REDIS_PORT"
 }
 
-pg_start() { as_postgres "$BIN/pg_ctl" -D "$PGDATA" -l "$QPG_HOME/postgres.log" -w -t 120 start >/dev/null; }
 psql_() { psql -h "$QPG_HOME" -p "$QPG_PGPORT" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
 
 case "${1:-}" in
